@@ -47,7 +47,7 @@ def ids_to_kjt(ids: np.ndarray | torch.Tensor, feature_names: list[str]):
     """
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    ids = torch.as_tensor(np.ascontiguousarray(ids), dtype=torch.int64)
+    ids = torch.as_tensor(np.array(ids, dtype=np.int64))
     batch, n_features = ids.shape
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(feature_names),

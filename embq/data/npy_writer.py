@@ -1,0 +1,48 @@
+"""Append rows to a `.npy` file whose final row count is unknown until the end.
+
+The header is written last into a fixed reserved prefix, so data streams straight to disk in
+bounded memory and the result is an ordinary `.npy` that `np.load(mmap_mode="r")` opens.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+HEADER_BYTES = 128  # magic (6) + version (2) + length (2) + dict, padded: room for any 2-D shape
+
+
+class NpyAppender:
+    """Write rows of a fixed dtype and width, then `close()` to finalise the header."""
+
+    def __init__(self, path: str | os.PathLike, dtype: np.dtype, width: int) -> None:
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.width = width
+        self.rows = 0
+        self._file = open(self.path, "wb")
+        self._file.write(b"\0" * HEADER_BYTES)
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype).reshape(-1, self.width)
+        self._file.write(rows.tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (self.rows, self.width)}
+        text = repr(header).encode("latin1")
+        pad = HEADER_BYTES - 10 - len(text) - 1
+        prefix = b"\x93NUMPY\x01\x00" + (HEADER_BYTES - 10).to_bytes(2, "little")
+        self._file.seek(0)
+        self._file.write(prefix + text + b" " * pad + b"\n")
+        self._file.close()
+
+    def __enter__(self) -> "NpyAppender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._file.closed:
+            self.close()
