@@ -69,3 +69,10 @@ def test_bad_config_and_overwrite(tmp_path):
     with pytest.raises(ConfigError, match="already exists"):
         write_synthetic(tmp_path / "x", rows=10, progress=False)
     assert (tmp_path / "x").read_text() == "mine"
+
+
+def test_shipped_sample_matches_the_generator(tmp_path):
+    from tests.conftest import ROOT
+
+    fresh = write_synthetic(tmp_path / "sample.tsv", rows=1000, seed=0, progress=False)
+    assert fresh.read_bytes() == (ROOT / "datasets" / "synthetic-criteo-sample.tsv").read_bytes()
