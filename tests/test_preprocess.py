@@ -94,3 +94,20 @@ def test_batches_are_keyed_jagged_tensors(raw_file, tmp_path):
     assert batch.dense.shape == (4, 13) and batch.labels.shape == (4,)
     assert batch.sparse.keys() == [f"cat_{i}" for i in range(26)]
     np.testing.assert_array_equal(batch.sparse["cat_3"].values().numpy(), data.sparse[:4, 3])
+
+
+def test_output_loads_in_torchrecs_criteo_pipe(raw_file, tmp_path):
+    """Our .npy layout is TorchRec's: its in-memory Criteo datapipe batches our files as they are."""
+    from torchrec.datasets.criteo import InMemoryBinaryCriteoIterDataPipe
+
+    prepare_criteo([raw_file], tmp_path / "out", table_size=1000, progress=False)
+    out = tmp_path / "out"
+    pipe = InMemoryBinaryCriteoIterDataPipe(
+        stage="train", dense_paths=[str(out / "dense.npy")], sparse_paths=[str(out / "sparse.npy")],
+        labels_paths=[str(out / "labels.npy")], batch_size=64, rank=0, world_size=1,
+        hashes=[1000] * 26)
+    batch = next(iter(pipe))
+    data = PreparedData(out)
+    np.testing.assert_array_equal(batch.dense_features.numpy(), data.dense[:64])
+    np.testing.assert_array_equal(batch.sparse_features["cat_0"].values().numpy(), data.sparse[:64, 0])
+    np.testing.assert_array_equal(batch.labels.numpy().reshape(-1), data.labels[:64, 0])
