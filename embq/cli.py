@@ -146,12 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--valid-fraction", type=float, default=0.1)
     ev.set_defaults(func=_cmd_evaluate)
 
-    for module in _PLUGIN_MODULES:
-        module.add_parser(verbs)
+    # Verbs whose handlers live in their own modules, imported only when the CLI is built.
+    import importlib
+
+    for name in _VERB_MODULES:
+        importlib.import_module(name).add_parser(verbs)
     return parser
 
 
-_PLUGIN_MODULES: list = []
+_VERB_MODULES = ["embq.cli_table"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,244 @@
+"""Row-wise uniform quantization against independent references: fbgemm / ATen ops for bytes,
+float64 numpy for errors, and the exhaustive grid search for the better range search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+from embq import rowwise
+
+F32 = np.float32
+
+
+def make_rows(kind: str, n: int = 300, d: int = 64, seed: int = 0) -> np.ndarray:
+    """Test rows, float32 [n, d], of several shapes seen in (or adversarial for) real tables."""
+    rng = np.random.default_rng(seed)
+    if kind == "gauss":
+        x = rng.standard_normal((n, d)) * 0.1
+    elif kind == "student_t":
+        x = rng.standard_t(3, (n, d)) * 0.05
+    elif kind == "constant":
+        x = np.repeat(rng.standard_normal((n, 1)), d, axis=1)
+    elif kind == "tiny":  # ranges around 1e-6; scales that underflow fp16 at 2 bits
+        x = rng.standard_normal((n, d)) * 1e-6
+    elif kind == "trained":  # a few dominant coordinates, per-row norms, small offsets
+        x = rng.standard_normal((n, d)) * 0.02
+        x[:, :4] += rng.standard_normal((n, 4)) * 0.5
+        x *= rng.uniform(0.1, 3.0, (n, 1))
+        x += rng.standard_normal((n, 1)) * 0.01
+    elif kind == "offset":  # |values| >> range: fp16 rounding of the bias dominates
+        x = 3.0 + rng.standard_normal((n, d)) * 0.01
+    elif kind == "grid":  # values on a coarse grid: exact ties in rounding and in losses
+        x = rng.integers(-8, 8, (n, d)) / 16.0
+    elif kind == "outlier":
+        x = rng.standard_normal((n, d)) * 0.05
+        x[np.arange(n), rng.integers(0, d, n)] = rng.choice([-1.0, 1.0], n) * rng.uniform(0.5, 3, n)
+    else:
+        raise ValueError(kind)
+    return np.ascontiguousarray(x, dtype=F32)
+
+
+KINDS = ["gauss", "student_t", "constant", "tiny", "trained", "offset", "grid", "outlier"]
+
+
+def aten_prepack(x: np.ndarray, bits: int, optimized: bool, n_bins: int = 200, ratio: float = 0.16):
+    op = getattr(torch.ops.quantized, f"embedding_bag_{bits}bit_prepack")
+    return op(torch.from_numpy(x), optimized, n_bins, ratio).numpy()
+
+
+# ------------------------------------------------------------------ bytes: min/max
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_minmax_bytes_match_fbgemm(kind: str, bits: int) -> None:
+    x = make_rows(kind, n=200)
+    ours = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), bits)
+    ref = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(torch.from_numpy(x), bits)
+    assert ours.shape == (200, rowwise.fused_row_bytes(64, bits))
+    np.testing.assert_array_equal(ours, ref.numpy())
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_minmax_bytes_match_aten_prepack(bits: int) -> None:
+    x = make_rows("trained", n=200, d=96)
+    ours = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), bits)
+    np.testing.assert_array_equal(ours, aten_prepack(x, bits, optimized=False))
+
+
+def test_reference_byte_example() -> None:
+    """The worked example of the reference doc: LSB-first nibbles, fp16 scale then bias."""
+    x = np.array([[0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.5]], F32)
+    four = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), 4)
+    assert four[0].tolist() == [16, 50, 84, 246, 0x66, 0x2E, 0, 0]
+    two = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), 2)
+    assert two[0].tolist() == [64, 213, 0x00, 0x38, 0, 0]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_decode_matches_fbgemm(bits: int) -> None:
+    x = make_rows("student_t", n=200)
+    fused = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), bits)
+    ref = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(torch.from_numpy(fused), bits)
+    np.testing.assert_array_equal(rowwise.decode_fused(fused, bits, 64), ref.numpy())
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_pack_unpack_roundtrip(bits: int) -> None:
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 1 << bits, (50, 40), dtype=np.uint8)
+    packed = rowwise.pack_codes(codes, bits)
+    assert packed.shape == (50, 40 * bits // 8)
+    np.testing.assert_array_equal(rowwise.unpack_codes(packed, bits, 40), codes)
+    if bits == 4:  # element 0 in the low nibble
+        np.testing.assert_array_equal(packed[:, 0], codes[:, 0] | (codes[:, 1] << 4))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_dequantization_error_float64(bits: int) -> None:
+    """Against float64 math: unclipped values land within half a step of the decoded value,
+    and the decoded value is the level of the nearest code."""
+    x = make_rows("gauss", n=200)
+    fused = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), bits)
+    codes, scale, bias = rowwise.split_fused(fused, bits, 64)
+    s = scale.astype(np.float64)[:, None]
+    b = bias.astype(np.float64)[:, None]
+    u = (x.astype(np.float64) - b) / s
+    expect = np.clip(np.rint(u), 0, (1 << bits) - 1)
+    # float32 rounding may flip a code only where u sits (almost) on a half-integer
+    flip = codes != expect
+    assert np.all(np.abs(np.abs(u - np.floor(u)) - 0.5)[flip] < 1e-4)
+    err = np.abs(rowwise.decode_fused(fused, bits, 64).astype(np.float64) - x)
+    top = b + s * ((1 << bits) - 1)
+    inside = x.astype(np.float64) <= top + 1e-7
+    assert np.all(err[inside] <= (0.5 + 1e-4) * np.broadcast_to(s, x.shape)[inside])
+
+
+def test_constant_rows_scale_one() -> None:
+    x = np.full((3, 16), 0.25, F32)
+    fused = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), 4)
+    codes, scale, bias = rowwise.split_fused(fused, 4, 16)
+    assert np.all(scale == 1.0) and np.all(bias == 0.25) and np.all(codes == 0)
+    np.testing.assert_array_equal(rowwise.decode_fused(fused, 4, 16), x)
+
+
+def test_fp16_cast_matches_numpy() -> None:
+    rng = np.random.default_rng(2)
+    v = (rng.standard_normal(200_000) * np.exp2(rng.uniform(-30, 17, 200_000))).astype(F32)
+    halves = np.arange(0, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)
+    ties = ((halves[:-1] + halves[1:]) / 2).astype(F32)
+    for arr in (v, ties, -ties):
+        with np.errstate(over="ignore"):
+            ref = arr.astype(np.float16)
+        np.testing.assert_array_equal(rowwise.to_fp16(arr).view(np.uint16), ref.view(np.uint16))
+
+
+# ------------------------------------------------------------------ GREEDY == ATen
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_bytes_identical_to_aten(kind: str, bits: int) -> None:
+    x = make_rows(kind, n=150, seed=3)
+    ours = rowwise.encode_ranges(x, *rowwise.greedy_ranges(x, bits), bits)
+    np.testing.assert_array_equal(ours, aten_prepack(x, bits, optimized=True))
+
+
+@pytest.mark.parametrize("n_bins,ratio", [(100, 0.3), (50, 0.5)])
+def test_greedy_other_parameters(n_bins: int, ratio: float) -> None:
+    x = make_rows("student_t", n=100, seed=4)
+    ours = rowwise.encode_ranges(x, *rowwise.greedy_ranges(x, 4, n_bins, ratio), 4)
+    np.testing.assert_array_equal(ours, aten_prepack(x, 4, True, n_bins, ratio))
+
+
+def test_greedy_dims_and_chunks() -> None:
+    """Other dims, and a table split into several chunks across threads."""
+    for d in (8, 128):
+        x = make_rows("gauss", n=80, d=d, seed=d)
+        ours = rowwise.encode_ranges(x, *rowwise.greedy_ranges(x, 4), 4)
+        np.testing.assert_array_equal(ours, aten_prepack(x, 4, optimized=True))
+    x = make_rows("trained", n=1500, seed=5)
+    lo, hi = rowwise.greedy_ranges(x, 4, chunk=256)
+    np.testing.assert_array_equal(rowwise.encode_ranges(x, lo, hi, 4), aten_prepack(x, 4, True))
+
+
+def test_greedy_exact_loss_order() -> None:
+    """greedy_loss_exact sums in element order: equal to an explicit float32 loop."""
+    x = make_rows("outlier", n=20, seed=6)
+    lo, hi = x.min(axis=1) + F32(0.01), x.max(axis=1)
+    got = rowwise.greedy_loss_exact(np.ascontiguousarray(x.T), lo, hi, 4)
+    for r in range(20):
+        b = F32(np.float16(lo[r]))
+        s = F32(np.float16((hi[r] - b) / F32(15)))
+        inv = F32(1) / s
+        acc = F32(0)
+        for v in x[r]:
+            q = min(max(np.rint((v - b) * inv), F32(0)), F32(15))
+            e = v - (F32(q) * s + b)
+            acc = F32(acc + F32(e * e))
+        assert got[r] == np.sqrt(acc)
+
+
+def test_greedy_terminates_where_aten_would_not() -> None:
+    """Near 1.0 with a ~1e-6 range the step is absorbed by float32 rounding: ATen's loop never
+    ends there; ours stops when the position stops moving."""
+    x = (1.0 + np.linspace(0, 1e-6, 16)).astype(F32)[None, :]
+    lo, hi = rowwise.greedy_ranges(x, 4)
+    assert lo[0] >= x.min() and hi[0] <= x.max()
+
+
+# ------------------------------------------------------------------ better search
+
+
+@pytest.fixture(scope="module")
+def search_rows() -> dict[str, np.ndarray]:
+    return {k: make_rows(k, n=96, seed=7) for k in ("gauss", "student_t")}
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_opt_within_half_percent_of_exhaustive(search_rows, bits: int) -> None:
+    for kind, x in search_rows.items():
+        _, _, best = rowwise.exhaustive_ranges(x, bits)
+        ours = rowwise.row_sse(x, *rowwise.opt_ranges(x, bits), bits)
+        greedy = rowwise.row_sse(x, *rowwise.greedy_ranges(x, bits), bits)
+        assert ours.sum() <= 1.005 * best.sum(), (kind, ours.sum() / best.sum())
+        limit = 1.0 if bits == 4 else 0.7
+        assert ours.sum() < limit * greedy.sum(), (kind, ours.sum() / greedy.sum())
+
+
+def test_exhaustive_is_a_lower_bound_on_its_grid() -> None:
+    """Every grid point, min/max included, scores no better than the exhaustive optimum."""
+    x = make_rows("gauss", n=30, seed=8)
+    lo, hi, best = rowwise.exhaustive_ranges(x, 4)
+    np.testing.assert_allclose(rowwise.row_sse(x, lo, hi, 4), best, rtol=1e-12)
+    assert np.all(best <= rowwise.row_sse(x, *rowwise.minmax_ranges(x), 4) * (1 + 1e-12))
+    x64 = x.astype(np.float64)
+    step = (x64.max(axis=1) - x64.min(axis=1)) / 200
+    for i, j in ((3, 7), (10, 0), (40, 40)):
+        lo2 = (x64.min(axis=1) + i * step).astype(F32)
+        hi2 = (x64.max(axis=1) - j * step).astype(F32)
+        assert np.all(best <= rowwise.row_sse(x, lo2, hi2, 4) * (1 + 1e-12))
+
+
+def test_opt_qparams_are_fp16_and_roundtrip() -> None:
+    x = make_rows("trained", n=64, seed=9)
+    scale, bias = rowwise.opt_qparams(x, 4)
+    assert np.all(scale > 0)
+    np.testing.assert_array_equal(scale, scale.astype(np.float16).astype(F32))
+    np.testing.assert_array_equal(bias, bias.astype(np.float16).astype(F32))
+    lo, hi = rowwise.ranges_for_qparams(scale, bias, 4)
+    s16, b16, _ = rowwise.qparams(lo, hi, 4)
+    np.testing.assert_array_equal(s16.astype(F32), scale)
+    np.testing.assert_array_equal(b16.astype(F32), bias)
+
+
+@pytest.mark.parametrize("kind", ["constant", "tiny", "grid", "outlier", "offset"])
+def test_opt_never_worse_than_minmax(kind: str) -> None:
+    x = make_rows(kind, n=64, seed=10)
+    for bits in (4, 2):
+        ours = rowwise.row_sse(x, *rowwise.opt_ranges(x, bits), bits)
+        mm = rowwise.row_sse(x, *rowwise.minmax_ranges(x), bits)
+        assert np.all(ours <= mm * (1 + 1e-9) + 1e-30), kind
