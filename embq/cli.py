@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -154,10 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_VERB_MODULES = ["embq.cli_table"]
+_VERB_MODULES = ["embq.cli_table", "embq.cli_quantize"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch and faiss each bring an OpenMP runtime; busy-waiting idle threads of one starve the
+    # other on small machines. Set before either library loads (the CLI is a process entry point).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

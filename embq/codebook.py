@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import os
+
 import numpy as np
 
 from embq import rowwise
@@ -29,6 +31,16 @@ K16 = 16
 
 
 # --------------------------------------------------------------------------- 1-D k-means
+
+
+def _faiss():
+    """faiss, imported on first use. faiss bundles its own OpenMP runtime: beside torch's, two
+    pools of busy-waiting threads on few cores slow a k-means fit from milliseconds to seconds,
+    so faiss's threads are told to sleep when idle (unless the user chose a policy)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import faiss
+
+    return faiss
 
 
 def _prefix(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -275,7 +287,7 @@ def shared_codebook(
     scale/offset and codes by `shared_encode`, then each level as the weighted mean of its
     values in codebook units). The candidate with the lower sample error is returned.
     """
-    import faiss
+    faiss = _faiss()
 
     x64 = x.astype(np.float64)
     rng, lo = _minmax(x)
@@ -394,7 +406,7 @@ class PQFormat(TableFormat):
         return (self.m * self.nbits + 7) // 8
 
     def fit(self, sample: Any) -> dict[str, np.ndarray]:
-        import faiss
+        faiss = _faiss()
 
         x = as_rows(sample, "sample")
         self.check_dim(x.shape[1])
@@ -411,7 +423,7 @@ class PQFormat(TableFormat):
         return {"centroids": cents.astype(F32)}
 
     def _pq(self, params: dict[str, np.ndarray] | None, dim: int):
-        import faiss
+        faiss = _faiss()
 
         if not params or "centroids" not in params:
             raise FormatError(f"{self.name}: params['centroids'] missing; call fit(sample) first")

@@ -8,6 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Two cores: keep torch from oversubscribing when tests run beside other work.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# torch and faiss each bundle OpenMP: passive idle threads keep them from starving each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
