@@ -223,6 +223,9 @@ class SharedCodebookFormat(TableFormat):
         self.check_dim(dim)
         return dim // 2 + 4
 
+    def min_fit_rows(self) -> int:
+        return 1
+
     def fit(self, sample: Any) -> dict[str, np.ndarray]:
         x = as_rows(sample, "sample")
         self.check_dim(x.shape[1])
@@ -404,6 +407,9 @@ class PQFormat(TableFormat):
     def bytes_per_row(self, dim: int) -> int:
         self.check_dim(dim)
         return (self.m * self.nbits + 7) // 8
+
+    def min_fit_rows(self) -> int:
+        return 1 << self.nbits
 
     def fit(self, sample: Any) -> dict[str, np.ndarray]:
         faiss = _faiss()

@@ -91,6 +91,10 @@ class TableFormat:
         """Bytes of table-level parameters (shared codebooks, PQ centroids); 0 for row-wise."""
         return int(sum(np.asarray(v).nbytes for v in params.values()))
 
+    def min_fit_rows(self) -> int:
+        """Fewest sample rows `fit` accepts (PQ needs one per centroid); 0 if it learns nothing."""
+        return 0
+
     def fit(self, sample: Any) -> dict[str, np.ndarray]:
         """Learn table-level parameters from a float32 sample of rows [n, dim]; {} if none."""
         x = as_rows(sample, "sample")

@@ -22,6 +22,7 @@ COLUMNS = (
     "relative_mse",
     "auc",
     "logloss",
+    "logloss_delta_pct",
     "ne",
     "ne_delta_pct",
     "quantize_seconds",
@@ -92,6 +93,7 @@ def quality_table(
             "logloss": metrics["logloss"],
             "ne": metrics["ne"],
             "ne_delta_pct": 100.0 * (metrics["ne"] / base["ne"] - 1.0),
+            "logloss_delta_pct": 100.0 * (metrics["logloss"] / base["logloss"] - 1.0),
             "quantize_seconds": round(seconds, 2),
         }
         if on_row is not None:
@@ -120,6 +122,7 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
         "logloss": 5,
         "ne": 5,
         "ne_delta_pct": 3,
+        "logloss_delta_pct": 3,
     }
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:

@@ -176,13 +176,18 @@ def _get_format(name: Any):
         ) from e
 
 
+SMALL_TABLE_FALLBACK = "fp16"
+
+
 def resolve_plan(tables: list[TableInfo], plan: str | Mapping[str, str]) -> dict[str, str]:
     """{table name: format name} for every table, checked.
 
     Args:
         tables: the model's tables (`find_tables`).
         plan: one format name for all tables, or {table name: format name}; a "*" entry is the
-            default for tables not named.
+            default for tables not named. A table given the default whose format needs more
+            rows to fit than the table has (`TableFormat.min_fit_rows`) is kept as fp16
+            (SMALL_TABLE_FALLBACK); a table named explicitly gets its format or an error.
 
     Raises:
         ConfigError: a table the model does not have, a table the plan leaves out (with no "*"),
@@ -210,6 +215,11 @@ def resolve_plan(tables: list[TableInfo], plan: str | Mapping[str, str]) -> dict
     resolved = {t.name: plan.get(t.name, plan.get(PLAN_DEFAULT_KEY)) for t in tables}
     for table in tables:
         fmt = _get_format(resolved[table.name])
+        if table.rows < fmt.min_fit_rows() and table.name not in plan:
+            # A default format that must learn more centroids than the table has rows (PQ with
+            # 256 centroids on a 4-row table): such a table is a few KB, so it stays fp16.
+            resolved[table.name] = SMALL_TABLE_FALLBACK
+            continue
         try:
             fmt.check_dim(table.dim)
         except FormatError as e:

@@ -1,4 +1,5 @@
-"""embq end to end on synthetic Criteo-format data: generate -> prepare -> train -> evaluate.
+"""embq end to end on synthetic Criteo-format data: generate -> prepare -> train -> evaluate ->
+quantize the tables in every format (a quality table) -> write the artifact.
 
 Everything lands in runs/demo/ (rebuilt on each run). The last line printed is one JSON object
 with the figures. Run it with `make demo`.
@@ -15,11 +16,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import os  # noqa: E402
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch + faiss OpenMP pools on 2 cores
+
+from embq.cli_quantize import quantize_model_dir  # noqa: E402
 from embq.data.prepared import PreparedData  # noqa: E402
 from embq.data.preprocess import prepare_criteo  # noqa: E402
 from embq.data.synth import write_synthetic  # noqa: E402
 from embq.model import save_model  # noqa: E402
+from embq.report import format_markdown, quality_table  # noqa: E402
 from embq.train import TrainSettings, train_dlrm  # noqa: E402
+
+
+QUANT_FORMATS = ["int8", "int4", "int4-greedy", "int4-opt", "cb4-row", "cb4-shared", "pq8x8",
+                 "int2", "int2-greedy", "int2-opt"]
+ARTIFACT_FORMAT = "int4-greedy"
 
 
 def main() -> None:
@@ -34,20 +46,35 @@ def main() -> None:
     work.mkdir(parents=True)
     started = time.perf_counter()
 
-    print(f"[1/4] generating {args.rows:,} synthetic Criteo-format rows", flush=True)
+    print(f"[1/6] generating {args.rows:,} synthetic Criteo-format rows", flush=True)
     raw = write_synthetic(work / "synth.tsv", rows=args.rows, seed=args.seed)
 
-    print("[2/4] preparing arrays (log counts, hashed ids)", flush=True)
-    summary = prepare_criteo([raw], work / "prepared", table_size=100_000, dataset_name="synthetic-criteo")
+    print("[2/6] preparing arrays (log counts, contiguous ids of values seen twice)", flush=True)
+    # Frequency mode: values seen at least twice get their own row, the rest share row 0, so
+    # every table row is trained (hash mode would leave most rows of big tables untouched).
+    summary = prepare_criteo([raw], work / "prepared", mode="frequency", min_frequency=2,
+                             dataset_name="synthetic-criteo")
     print(f"      rows read {summary['rows_read']:,}, refused {summary['rows_refused']}, "
           f"click rate {summary['click_rate']:.3f}")
 
-    print("[3/4] training DLRM (1 epoch, CPU)", flush=True)
+    print("[3/6] training DLRM (1 epoch, CPU)", flush=True)
     data = PreparedData(work / "prepared")
     model, config, metrics = train_dlrm(data, TrainSettings(epochs=1, seed=args.seed))
     save_model(model, config, work / "model")
 
-    print("[4/4] held-out evaluation", flush=True)
+    print("[4/6] held-out evaluation", flush=True)
+    print(f"      AUC {metrics['auc']:.4f}, log loss {metrics['logloss']:.4f}, NE {metrics['ne']:.4f}")
+
+    print("[5/6] quantizing the embedding tables, one format at a time", flush=True)
+    rows = quality_table(work / "model", work / "prepared", QUANT_FORMATS,
+                         on_row=lambda r: print(f"      {r['format']:<12} {r['size_ratio']:.3f} of fp32, "
+                                                f"log loss {r['logloss_delta_pct']:+.3f}%", flush=True))
+    print(format_markdown(rows))
+    by_format = {r["format"]: r for r in rows}
+
+    print(f"[6/6] writing the {ARTIFACT_FORMAT} artifact", flush=True)
+    quantize_model_dir(work / "model", ARTIFACT_FORMAT, work / "model.embq")
+
     result = {
         "dataset": data.name,
         "rows": data.rows,
@@ -56,6 +83,9 @@ def main() -> None:
         "ne": round(metrics["ne"], 5),
         "calibration": round(metrics["calibration"], 4),
         "train_seconds": metrics["train_seconds"],
+        "int4_greedy_logloss_delta_pct": round(by_format["int4-greedy"]["logloss_delta_pct"], 4),
+        "int4_greedy_size_ratio": round(by_format["int4-greedy"]["size_ratio"], 4),
+        "artifact": str(work / "model.embq"),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(result))

@@ -351,3 +351,20 @@ def test_quality_table_rows(trained):
     ] == pytest.approx(8 / 64)
     assert 0 < rows[1]["relative_mse"] < rows[2]["relative_mse"] < 1
     assert "| int2 |" in format_markdown(rows)
+
+
+def test_tables_too_small_for_a_default_codebook_stay_fp16():
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from embq.torchrec import SMALL_TABLE_FALLBACK, find_tables, resolve_plan
+
+    configs = [EmbeddingBagConfig(name="big", embedding_dim=16, num_embeddings=400, feature_names=["a"]),
+               EmbeddingBagConfig(name="tiny", embedding_dim=16, num_embeddings=4, feature_names=["b"])]
+    tables = find_tables(EmbeddingBagCollection(tables=configs, device=torch.device("cpu")))
+    assert resolve_plan(tables, "pq8x8") == {"big": "pq8x8", "tiny": SMALL_TABLE_FALLBACK}
+    # Asked for by name, the impossible format is an error, not a silent substitute.
+    from embq.torchrec import quantize_tables
+
+    with pytest.raises(FormatError, match="tiny.*at least 256"):
+        quantize_tables(tables, {"big": "pq8x8", "tiny": "pq8x8"})
