@@ -1,0 +1,437 @@
+"""`Predictor`: an embq artifact loaded once, answering click probabilities for batches of rows.
+
+The Predictor is framework-neutral: the HTTP app (`embq_serving.http`), a Triton or Ray Serve
+adapter, or a plain Python program all call `predict` / `predict_rows`. It owns input
+validation, so every adapter refuses the same inputs with the same messages.
+
+Inputs of one batch of B rows:
+
+    dense    float array-like [B, n_dense] (numpy, torch, nested lists), cast to float32
+    sparse   one of
+             - a torchrec KeyedJaggedTensor with exactly the model's features (any key order),
+               unweighted, stride B;
+             - a dict {feature: [ids of row 0, ids of row 1, ...]} with B lists per feature
+               (an empty list is an empty bag, which SUM pooling turns into zeros);
+             - an int array-like [B, n_features], one id per feature per row, columns in the
+               order of `input_spec.feature_names`.
+
+Every id must lie in [0, rows of the feature's table). Bad inputs are refused here, with a
+message naming the feature, row and value, before any kernel sees them: a kernel's own bounds
+check would only say that some index was out of range.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embq.errors import ArtifactError, DataError
+
+# How many offending positions an error message names before it summarises.
+_SHOWN = 5
+
+
+class InvalidInputError(DataError):
+    """A prediction input the model cannot answer: wrong shapes, features, ids or values."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one row of input must hold.
+
+    Attributes:
+        n_dense: dense (float) inputs per row.
+        feature_names: the sparse features, in the order the model's KJT uses.
+        rows: rows of the table behind each feature (valid ids are 0 .. rows - 1), same order.
+    """
+
+    n_dense: int
+    feature_names: tuple[str, ...]
+    rows: tuple[int, ...]
+
+    @property
+    def rows_by_feature(self) -> dict[str, int]:
+        return dict(zip(self.feature_names, self.rows))
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> InputSpec:
+        """Read the expected inputs from `embq.runtime.inference_metadata`'s dict."""
+        inputs = meta["inputs"]
+        if not inputs.get("dense"):
+            raise ArtifactError(
+                "the artifact holds no full model (no dense towers); it cannot predict"
+            )
+        names = tuple(str(f) for f in inputs["sparse"]["feature_names"])
+        rows = inputs["sparse"]["table_rows"]
+        return cls(
+            n_dense=int(inputs["dense"]["shape"][1]),
+            feature_names=names,
+            rows=tuple(int(rows[f]) for f in names),
+        )
+
+
+def _listing(items: Sequence[Any]) -> str:
+    """'a', 'b', 'c' (and 7 more) — short enough for an error message."""
+    head = ", ".join(repr(x) for x in list(items)[:_SHOWN])
+    return head + (f" (and {len(items) - _SHOWN} more)" if len(items) > _SHOWN else "")
+
+
+# --------------------------------------------------------------------------- dense
+
+
+def dense_batch(dense: Any, spec: InputSpec) -> np.ndarray:
+    """Validate dense inputs and return them as float32 [B, n_dense] (C-contiguous).
+
+    Raises InvalidInputError for a wrong shape, an empty batch, non-numbers, or values that are
+    NaN/Inf or overflow float32.
+    """
+    if hasattr(dense, "detach") and hasattr(dense, "cpu"):  # a torch tensor
+        dense = dense.detach().cpu().numpy()
+    try:
+        arr = np.asarray(dense)
+    except ValueError as e:  # ragged nested lists
+        raise InvalidInputError(
+            f"dense must be a [batch, {spec.n_dense}] array of floats: {e}"
+        ) from e
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        raise InvalidInputError(
+            f"dense must hold real numbers (float or int), got dtype {arr.dtype}; "
+            f"expected a [batch, {spec.n_dense}] array of floats"
+        )
+    if arr.ndim != 2 or arr.shape[1] != spec.n_dense:
+        raise InvalidInputError(
+            f"Expected dense of shape [batch, {spec.n_dense}], but got {list(arr.shape)}"
+        )
+    if arr.shape[0] == 0:
+        raise InvalidInputError("the batch is empty; send at least one row")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(out)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        where = ", ".join(f"[{r}][{c}]" for r, c in bad[:_SHOWN])
+        raise InvalidInputError(
+            f"dense values must be finite float32 numbers; NaN, Inf or |x| > 3.4e38 at {where}"
+            + (f" (and {len(bad) - _SHOWN} more)" if len(bad) > _SHOWN else "")
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- sparse
+
+
+def _as_ids(values: Any, what: str) -> np.ndarray:
+    """Any integer array-like -> int64 numpy, refusing floats, bools and overflowing ints."""
+    if hasattr(values, "detach") and hasattr(values, "cpu"):
+        values = values.detach().cpu().numpy()
+    try:
+        arr = np.asarray(values)
+        if arr.dtype == object:  # Python ints beyond int64 land here
+            arr = np.asarray(values, dtype=np.int64)
+    except (ValueError, OverflowError, TypeError) as e:
+        raise InvalidInputError(f"{what} must be integer ids in int64 range: {e}") from e
+    if arr.size and (arr.dtype.kind not in "iu" or arr.dtype == np.bool_):
+        raise InvalidInputError(f"{what} must be integer ids, got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise InvalidInputError(f"{what} holds ids beyond the int64 range")
+    return arr.astype(np.int64, copy=False)
+
+
+def check_id_ranges(values: np.ndarray, lengths: np.ndarray, spec: InputSpec) -> None:
+    """Refuse negative or too-large ids.
+
+    Args:
+        values: int64 [sum(lengths)], key-major (all ids of feature 0, then feature 1, ...).
+        lengths: int64 [n_features * B], bag sizes, key-major.
+        spec: the expected inputs (features in KJT order).
+    """
+    n_features = len(spec.feature_names)
+    batch = lengths.size // n_features
+    per_key = lengths.reshape(n_features, batch).sum(axis=1)
+    limit = np.repeat(np.asarray(spec.rows, dtype=np.int64), per_key)
+    bad = np.flatnonzero((values < 0) | (values >= limit))
+    if bad.size == 0:
+        return
+    # Map the first offenders back to (feature, row) for the message.
+    bag_of_value = np.repeat(np.arange(lengths.size), lengths)
+    parts = []
+    for i in bad[:_SHOWN]:
+        key, row = divmod(int(bag_of_value[i]), batch)
+        name = spec.feature_names[key]
+        parts.append(f"{name!r} row {row}: id {int(values[i])} not in [0, {spec.rows[key]})")
+    more = f" (and {bad.size - _SHOWN} more)" if bad.size > _SHOWN else ""
+    raise InvalidInputError("ids out of range: " + "; ".join(parts) + more)
+
+
+def _check_keys(keys: Sequence[str], spec: InputSpec) -> None:
+    unknown = [k for k in keys if k not in spec.rows_by_feature]
+    missing = [f for f in spec.feature_names if f not in set(keys)]
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown features {_listing(unknown)}")
+        if missing:
+            parts.append(f"missing features {_listing(missing)}")
+        raise InvalidInputError(
+            "sparse features do not match the model: "
+            + "; ".join(parts)
+            + f". The model expects exactly {_listing(spec.feature_names)}"
+        )
+    if len(set(keys)) != len(keys):
+        raise InvalidInputError(f"sparse features repeat a name: {_listing(list(keys))}")
+
+
+def _from_dict(
+    sparse: Mapping[str, Any], spec: InputSpec, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """{feature: B lists of ids} -> (values, lengths), key-major in spec order."""
+    _check_keys([str(k) for k in sparse], spec)
+    values, lengths = [], []
+    for name in spec.feature_names:
+        bags = sparse[name]
+        if isinstance(bags, (str, bytes)) or not isinstance(bags, Sequence | np.ndarray):
+            raise InvalidInputError(
+                f"sparse[{name!r}] must be a list of {batch} id lists, one per row"
+            )
+        if len(bags) != batch:
+            raise InvalidInputError(
+                f"Expected {batch} id lists for feature {name!r} (one per row), but got {len(bags)}"
+            )
+        try:
+            sizes = [len(bag) for bag in bags]
+        except TypeError:
+            raise InvalidInputError(
+                f"sparse[{name!r}] must hold one list of ids per row, e.g. [[3], [7, 9]]"
+            ) from None
+        # One conversion per feature, not per bag: a 512-row request has 13,312 bags.
+        ids = _as_ids(list(itertools.chain.from_iterable(bags)), f"sparse[{name!r}]")
+        if ids.ndim != 1:
+            raise InvalidInputError(f"sparse[{name!r}] must hold flat lists of ids, one per row")
+        values.append(ids)
+        lengths.extend(sizes)
+    return np.concatenate(values), np.asarray(lengths, dtype=np.int64)
+
+
+def _from_matrix(sparse: Any, spec: InputSpec, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """int [B, n_features], one id per feature per row -> (values, lengths), key-major."""
+    ids = _as_ids(sparse, "sparse ids")
+    n = len(spec.feature_names)
+    if ids.ndim != 2 or ids.shape != (batch, n):
+        raise InvalidInputError(
+            f"Expected sparse ids of shape [{batch}, {n}] (one id per feature per row, features "
+            f"in the order {_listing(spec.feature_names)}), but got {list(ids.shape)}"
+        )
+    return np.ascontiguousarray(ids.T).reshape(-1), np.ones(n * batch, dtype=np.int64)
+
+
+def _from_kjt(kjt: Any, spec: InputSpec, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """A KeyedJaggedTensor -> (values, lengths), key-major in spec order."""
+    keys = list(kjt.keys())
+    _check_keys(keys, spec)
+    if kjt.weights_or_none() is not None:
+        raise InvalidInputError(
+            "weighted sparse features are not supported by this model; drop the weights"
+        )
+    values = _as_ids(kjt.values(), "KeyedJaggedTensor values")
+    lengths = _as_ids(kjt.lengths(), "KeyedJaggedTensor lengths")
+    if lengths.ndim != 1 or values.ndim != 1 or lengths.size != len(keys) * batch:
+        raise InvalidInputError(
+            f"Expected a KeyedJaggedTensor with {len(keys)} x {batch} lengths (features x batch), "
+            f"but got {lengths.size} lengths"
+        )
+    if (lengths < 0).any() or int(lengths.sum()) != values.size:
+        raise InvalidInputError(
+            f"KeyedJaggedTensor lengths must be non-negative and sum to its {values.size} values"
+        )
+    if keys != list(spec.feature_names):  # reorder the key-major blocks into the model's order
+        lengths_2d = lengths.reshape(len(keys), batch)
+        starts = np.concatenate([[0], np.cumsum(lengths_2d.sum(axis=1))])
+        order = [keys.index(f) for f in spec.feature_names]
+        values = np.concatenate([values[starts[k] : starts[k + 1]] for k in order])
+        lengths = lengths_2d[order].reshape(-1)
+    return values, lengths
+
+
+def _is_kjt(obj: Any) -> bool:
+    """Whether obj is a torchrec KeyedJaggedTensor, without importing torchrec when it is not
+    loaded (a TorchScript deployment may not have it)."""
+    jagged = sys.modules.get("torchrec.sparse.jagged_tensor")
+    return jagged is not None and isinstance(obj, jagged.KeyedJaggedTensor)
+
+
+def sparse_batch(sparse: Any, spec: InputSpec, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate sparse inputs for a batch of `batch` rows.
+
+    Returns:
+        (values int64 [N], lengths int64 [n_features * batch]), key-major in
+        `spec.feature_names` order: exactly a KeyedJaggedTensor's values() and lengths() with
+        those keys.
+    """
+    if _is_kjt(sparse):
+        if sparse.stride() != batch:
+            raise InvalidInputError(
+                f"Expected a KeyedJaggedTensor of stride (batch size) {batch}, but got {sparse.stride()}"
+            )
+        values, lengths = _from_kjt(sparse, spec, batch)
+    elif isinstance(sparse, Mapping):
+        values, lengths = _from_dict(sparse, spec, batch)
+    else:
+        values, lengths = _from_matrix(sparse, spec, batch)
+    check_id_ranges(values, lengths, spec)
+    return np.ascontiguousarray(values), lengths
+
+
+def rows_to_batch(rows: Sequence[Mapping[str, Any]], spec: InputSpec) -> tuple[np.ndarray, dict]:
+    """JSON-style rows [{"dense": [n_dense floats], "sparse": {feature: [ids]}}] -> (dense
+    float32 [B, n_dense], {feature: B id lists}), checked row by row so messages name the row."""
+    if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Sequence):
+        raise InvalidInputError('rows must be a list of {"dense": [...], "sparse": {...}} objects')
+    if not rows:
+        raise InvalidInputError("the batch is empty; send at least one row")
+    dense, sparse = [], {f: [] for f in spec.feature_names}
+    expected = set(spec.feature_names)
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping) or set(row) != {"dense", "sparse"}:
+            got = sorted(row) if isinstance(row, Mapping) else type(row).__name__
+            raise InvalidInputError(
+                f'rows[{i}] must be an object with keys "dense" and "sparse", got {got}'
+            )
+        d, s = row["dense"], row["sparse"]
+        if isinstance(d, (str, bytes)) or not isinstance(d, Sequence) or len(d) != spec.n_dense:
+            n = len(d) if isinstance(d, Sequence) else type(d).__name__
+            raise InvalidInputError(
+                f"rows[{i}].dense must be a list of {spec.n_dense} numbers, got {n}"
+            )
+        if not isinstance(s, Mapping):
+            raise InvalidInputError(f"rows[{i}].sparse must be an object {{feature: [ids]}}")
+        if set(s) != expected:
+            try:
+                _check_keys([str(k) for k in s], spec)
+            except InvalidInputError as e:
+                raise InvalidInputError(f"rows[{i}]: {e}") from None
+        dense.append(d)
+        for name in spec.feature_names:
+            sparse[name].append(s[name])
+    return dense_batch(dense, spec), sparse
+
+
+# --------------------------------------------------------------------------- the predictor
+
+
+class BasePredictor:
+    """Validation and scoring shared by every predictor; subclasses supply the model.
+
+    A subclass sets `input_spec`, `_metadata` and `_core`, a callable
+    (dense float32 [B, n_dense], values int64 [N], offsets int64 [F*B+1]) -> logits [B] or
+    [B, 1], and calls `super().__init__()`.
+
+    Thread safety: one predictor may be shared by any number of threads (the HTTP app does).
+    Input validation runs concurrently; the model runs under one lock, because the fbgemm TBE
+    forward updates module state (its timestep counter) and torch already spreads a batch over
+    its intra-op threads, so concurrent forwards would only contend for the cores.
+    """
+
+    input_spec: InputSpec
+    _metadata: dict[str, Any]
+    _core: Any
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def metadata(self) -> dict[str, Any]:
+        """Tables, formats, bytes, features and expected inputs (a JSON-able copy; see
+        `embq.runtime.inference_metadata`)."""
+        return copy.deepcopy(self._metadata)
+
+    def prepare(self, dense: Any, sparse: Any) -> tuple[Any, Any, Any]:
+        """Validate one batch of B rows into the model's plain-tensor inputs.
+
+        Returns:
+            (dense float32 [B, n_dense], values int64 [N], offsets int64 [F * B + 1]): values
+            key-major in `input_spec.feature_names` order, offsets the bag boundaries (a
+            KeyedJaggedTensor's values() / offsets() with those keys), what the exported
+            TorchScript module takes too.
+
+        Raises:
+            InvalidInputError (an embq.DataError) for anything the model cannot answer.
+        """
+        import torch
+
+        x = dense_batch(dense, self.input_spec)
+        values, lengths = sparse_batch(sparse, self.input_spec, x.shape[0])
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return torch.from_numpy(x), torch.from_numpy(values), torch.from_numpy(offsets)
+
+    def _forward(self, dense: Any, sparse: Any):
+        """Validate, then run the model under the lock: logits, float32 tensor [B]."""
+        import torch
+
+        x, values, offsets = self.prepare(dense, sparse)
+        with self._lock, torch.inference_mode():
+            return self._core(x, values, offsets).reshape(-1).float()
+
+    def logits(self, dense: Any, sparse: Any) -> np.ndarray:
+        """Logits (before the sigmoid), float32 [B]; same inputs as `predict`."""
+        return self._forward(dense, sparse).numpy().copy()
+
+    def predict(self, dense: Any, sparse: Any) -> np.ndarray:
+        """Click probabilities, float32 [B] in [0, 1], for dense [B, n_dense] and sparse inputs
+        (KJT, {feature: B id lists} or int ids [B, n_features]; see the module docstring)."""
+        import torch
+
+        return torch.sigmoid(self._forward(dense, sparse)).numpy().copy()
+
+    def predict_rows(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Probabilities, float32 [B], for JSON-style rows
+        [{"dense": [floats], "sparse": {feature: [ids]}}] (the HTTP request body's "rows")."""
+        dense, sparse = rows_to_batch(rows, self.input_spec)
+        return self.predict(dense, sparse)
+
+
+class Predictor(BasePredictor):
+    """An embq artifact served on CPU with embq.runtime's kernels (fbgemm TBE for row-wise
+    tables, codebook bags for the rest): validated inputs in, click probabilities out.
+
+    Thread-safe: see `BasePredictor` (one lock around the model's forward).
+
+    Args:
+        path: the artifact directory (X.embq). Loading verifies sizes and sha256 checksums and
+            raises embq.ArtifactError for anything truncated or tampered with.
+        num_threads: if given, `torch.set_num_threads(num_threads)` (process-wide).
+
+    Example:
+        predictor = Predictor("runs/demo/int4.embq")
+        probs = predictor.predict(dense, {"cat_0": [[3], [7, 9]], ...})   # float32 [2]
+    """
+
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None) -> None:
+        import torch
+
+        from embq.runtime import inference_metadata, load_inference_model
+
+        super().__init__()
+        if num_threads is not None:
+            torch.set_num_threads(int(num_threads))
+        self.path = Path(path)
+        self._model = load_inference_model(self.path).eval()
+        self._metadata = inference_metadata(self.path)
+        self.input_spec = InputSpec.from_metadata(self._metadata)
+        # The runtime's core takes the plain tensors `prepare` validated; the model's KJT front
+        # end would only repeat those checks. It is also exactly what TorchScript export saves.
+        self._core = self._model.core
+
+    @property
+    def model(self):
+        """The runtime's inference module: forward(dense float32 [B, n_dense], KeyedJaggedTensor)
+        -> logits float32 [B]; its `core` takes (dense, values, offsets) (see `prepare`)."""
+        return self._model
