@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_VERB_MODULES = ["embq.cli_table", "embq.cli_quantize", "embq.cli_export"]
+_VERB_MODULES = ["embq.cli_table", "embq.cli_quantize", "embq.cli_dense", "embq.cli_export"]
 
 
 def main(argv: list[str] | None = None) -> int:
