@@ -24,11 +24,20 @@ Range searches (each returns float32 `lo[n]`, `hi[n]` to feed `encode_ranges`):
 - `exhaustive_ranges`: brute force over every (lo, hi) pair on the range/n_bins grid, the
   reference the better search is judged against (tests and benchmarks only; O(n_bins^2) per row).
 
-Big searches run row chunks on a thread pool (numpy releases the GIL inside its loops); fp16
-casts go through torch, whose vectorised cast is bit-identical to numpy's and ~10x faster.
+Speed: GREEDY, the better search and `encode_ranges` run compiled numba kernels
+(`embq.greedy_kernel`: rows in SIMD lanes, so every row keeps ATen's exact float32 order),
+split into row pieces that this thread and a persistent pool (one thread per core) share. The
+numpy implementations stay as the reference the kernels are tested against
+(`greedy_ranges_numpy`, `opt_qparams_numpy`, `encode_ranges_numpy`) and as the fallback where
+numba cannot load (or EMBQ_NO_NUMBA=1). numba compiles on first use and caches the machine code
+in `embq/__pycache__` (a few seconds once, then ~0.1 s per process). In the numpy paths big
+searches run row chunks on a thread pool (numpy releases the GIL inside its loops); fp16 casts
+go through torch, whose vectorised cast is bit-identical to numpy's and ~10x faster.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -59,6 +68,101 @@ def _torch():
     import torch  # lazy: `import embq.formats` stays light
 
     return torch
+
+
+_KERNELS: list = []  # [module or None], filled on first use
+_POOL: list = []  # [(pid, ThreadPoolExecutor)]
+_LOCK = threading.Lock()
+
+
+def _kernels():
+    """The compiled kernels module (`embq.greedy_kernel`), or None where numba is unavailable
+    or disabled with EMBQ_NO_NUMBA=1. Imported lazily: numba takes ~0.3 s to import."""
+    if not _KERNELS:
+        with _LOCK:
+            if not _KERNELS:
+                import os
+
+                mod = None
+                if os.environ.get("EMBQ_NO_NUMBA", "") in ("", "0"):
+                    try:
+                        from embq import greedy_kernel as mod
+                    except ImportError:  # numba missing or broken: the numpy paths are exact too
+                        mod = None
+                _KERNELS.append(mod)
+    return _KERNELS[0]
+
+
+def kernel_engine() -> str:
+    """"numba" where the compiled kernels run, else "numpy"."""
+    return "numpy" if _kernels() is None else "numba"
+
+
+def kernel_threads() -> int:
+    """Threads the row-wise searches use (this one plus pool threads): one per usable core."""
+    return _workers()
+
+
+def _workers() -> int:
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _pool(workers: int):
+    """A persistent thread pool (recreated after a fork: pool threads do not survive one)."""
+    import os
+
+    pid = os.getpid()
+    with _LOCK:
+        if not _POOL or _POOL[0][0] != pid:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL[:] = [(pid, ThreadPoolExecutor(workers, thread_name_prefix="embq-rows"))]
+        return _POOL[0][1]
+
+
+def run_rows(fn, n: int, most: int = 8192, least: int = 256) -> None:
+    """Call fn(r0, r1) over pieces [r0, r1) covering range(n): this thread and up to
+    (cores - 1) pool threads take pieces until none are left. For GIL-free kernels; pieces are
+    small (about n / (4 cores), at least `least` and at most `most` rows) so that a core slowed
+    by other work on the machine simply takes fewer of them."""
+    if n <= 0:
+        return
+    workers = _workers()
+    size = max(1, min(most, max(least, -(-n // (4 * workers)))))
+    pieces = [(r0, min(n, r0 + size)) for r0 in range(0, n, size)]
+    if workers <= 1 or len(pieces) == 1:
+        for r0, r1 in pieces:
+            fn(r0, r1)
+        return
+    import itertools
+
+    counter = itertools.count()  # next() on a count is atomic under the GIL
+    errors: list = []
+
+    def drain() -> None:
+        while not errors:
+            k = next(counter)
+            if k >= len(pieces):
+                return
+            try:
+                fn(*pieces[k])
+            except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
+                errors.append(e)
+                return
+
+    pool = _pool(workers)
+    futs = [pool.submit(drain) for _ in range(min(workers, len(pieces)) - 1)]
+    drain()
+    for f in futs:
+        if not f.cancel():  # started: wait for its current piece
+            f.result()
+    if errors:
+        raise errors[0]
 
 
 _SMALL = 2048  # below this many values numpy's cast beats torch's call overhead
@@ -170,7 +274,23 @@ def encode_ranges(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> n
     """Quantize float32 rows [n, d] with per-row ranges into fused SBHalf rows uint8 [n, bpr].
 
     Values outside (lo, hi) clamp to the end codes, as `..._prepack_with_rowwise_min_max` does.
+    Compiled (`greedy_kernel.encode_rows`), byte-identical to `encode_ranges_numpy`.
     """
+    k = _kernels()
+    if k is None:
+        return encode_ranges_numpy(x, lo, hi, bits)
+    x = np.ascontiguousarray(x, dtype=F32)
+    lo = np.ascontiguousarray(lo, dtype=F32)
+    hi = np.ascontiguousarray(hi, dtype=F32)
+    n, d = x.shape
+    out = np.empty((n, fused_row_bytes(d, bits)), np.uint8)
+    if n:
+        run_rows(lambda r0, r1: k.encode_rows(x, lo, hi, bits, r0, r1, out), n, least=2048)
+    return out
+
+
+def encode_ranges_numpy(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
+    """`encode_ranges` in numpy (the reference the kernel is tested against)."""
     scale16, bias16, inv = qparams(lo, hi, bits)
     codes = quantize_codes(x, bias16, inv, bits)
     return fuse(pack_codes(codes, bits), scale16, bias16)
@@ -293,6 +413,14 @@ def _fast_loss(xt: np.ndarray, b: np.ndarray, s: np.ndarray, inv: np.ndarray, qm
     return s * np.sqrt(np.add.reduce(t, axis=1))
 
 
+def _first_min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row min and max as std::min_element / max_element pick them: the first occurrence, so
+    a row holding both -0.0 and 0.0 as its min gets the sign of the earlier one (which the
+    fp16 bias keeps; numpy's min may return either)."""
+    rows = np.arange(x.shape[0])
+    return x[rows, x.argmin(axis=1)], x[rows, x.argmax(axis=1)]
+
+
 def _greedy_exact_rows(x: np.ndarray, bits: int, n_bins: int, ratio: float) -> tuple[np.ndarray, np.ndarray]:
     """GREEDY computed with `greedy_loss_exact` only: ATen's loop, vectorised over rows.
 
@@ -300,7 +428,7 @@ def _greedy_exact_rows(x: np.ndarray, bits: int, n_bins: int, ratio: float) -> t
     position stops moving (ATen would loop forever) stops there.
     """
     xt = np.ascontiguousarray(x.T)
-    xmin, xmax = x.min(axis=1), x.max(axis=1)
+    xmin, xmax = _first_min_max(x)
     step = (xmax - xmin) / F32(n_bins)
     thr = F32(np.float32(n_bins * (1.0 - ratio))) * step
     a, z = xmin.copy(), xmax.copy()
@@ -348,7 +476,7 @@ def _greedy_chunk(x: np.ndarray, bits: int, n_bins: int, ratio: float) -> tuple[
     xt = np.ascontiguousarray(x.T)
     t = np.empty((2, d, m), F32)
     q = np.empty_like(t)
-    xmin, xmax = x.min(axis=1), x.max(axis=1)
+    xmin, xmax = _first_min_max(x)
     step = (xmax - xmin) / F32(n_bins)
     thr = F32(np.float32(n_bins * (1.0 - ratio))) * step
     mag = np.maximum(np.abs(xmin), np.abs(xmax)) + F32(3.0) * (xmax - xmin)
@@ -424,6 +552,44 @@ def greedy_ranges(
     x: np.ndarray, bits: int, n_bins: int = 200, ratio: float = 0.16, chunk: int = 8192
 ) -> tuple[np.ndarray, np.ndarray]:
     """EMB4 GREEDY ranges, identical to ATen `choose_qparams_optimized`.
+
+    Args:
+        x: float32 [n, d], finite.
+        bits: 4 or 2 (8 works too).
+        n_bins, ratio: the step is range / n_bins; at most `ratio` of the range is clipped.
+        chunk: at most this many rows per work item (items are shared by this thread and one
+            pool thread per other core).
+    Returns:
+        (lo, hi) float32 [n] each; `encode_ranges(x, lo, hi, bits)` then equals
+        `torch.ops.quantized.embedding_bag_{bits}bit_prepack(x, True, n_bins, ratio)`.
+
+    Runs `greedy_kernel.greedy_rows`: ATen's scalar search compiled, rows side by side in
+    SIMD lanes (32 per block), every loss summed in ATen's float32 order (so every comparison,
+    and the result, is ATen's). Rows on which ATen would never terminate (the step is absorbed
+    by float32 rounding, e.g. values near 1.0 with a range below ~1e-6, so the position stops
+    moving while the stop test stays true) are returned at the best range found when the
+    position stops changing. Falls back to `greedy_ranges_numpy` (same results) without numba.
+    """
+    k = _kernels()
+    if k is None:
+        return greedy_ranges_numpy(x, bits, n_bins, ratio, chunk)
+    x = np.ascontiguousarray(x, dtype=F32)
+    n = x.shape[0]
+    lo = np.empty(n, F32)
+    hi = np.empty(n, F32)
+    if n == 0:
+        return lo, hi
+    if x.shape[1] == 0:
+        raise ValueError("greedy_ranges: rows of dimension 0 have no range")
+    qmax, nb, min_bins = F32(qmax_of(bits)), F32(n_bins), F32(np.float32(n_bins * (1.0 - ratio)))
+    run_rows(lambda r0, r1: k.greedy_rows(x, r0, r1, qmax, nb, min_bins, lo, hi), n, most=chunk)
+    return lo, hi
+
+
+def greedy_ranges_numpy(
+    x: np.ndarray, bits: int, n_bins: int = 200, ratio: float = 0.16, chunk: int = 8192
+) -> tuple[np.ndarray, np.ndarray]:
+    """`greedy_ranges` in numpy: the reference the compiled kernel is tested against.
 
     Args:
         x: float32 [n, d], finite.
@@ -575,16 +741,39 @@ def _ls_step(xt: np.ndarray, s: np.ndarray, b: np.ndarray, bits: int) -> tuple[n
     t *= (F32(1.0) / s).astype(F32)
     np.rint(t, out=t)
     np.clip(t, 0, qmax_of(bits), out=t)
-    sq = t.sum(axis=0, dtype=np.float64)
-    sqq = np.einsum("ij,ij->j", t, t, dtype=np.float64)
-    sxq = np.einsum("ij,ij->j", t, xt, dtype=np.float64)
-    sx = xt.sum(axis=0, dtype=np.float64)
+    # float64 sums in element order (the outer axis of a C-contiguous array is reduced one
+    # slice at a time), as the compiled kernel sums them
+    t64 = t.astype(np.float64)
+    x64 = xt.astype(np.float64)
+    sq = np.add.reduce(t64, axis=0)
+    sqq = np.add.reduce(t64 * t64, axis=0)
+    sxq = np.add.reduce(t64 * x64, axis=0)
+    sx = np.add.reduce(x64, axis=0)
     var = sqq - sq * sq / d
     cov = sxq - sq * sx / d
     ok = var > 0
     s_new = np.where(ok, cov / np.where(ok, var, 1.0), s)
     b_new = (sx - s_new * sq) / d
     return fp16_round(np.maximum(s_new, 0.0)), fp16_round(b_new)
+
+
+def _opt_plan(bits: int, n_bins: int, d: int) -> dict:
+    """The candidate schedule of the better search (shared by the numpy and compiled paths):
+    grid starts `pairs` (scored in batches of 8, in order), pattern-search `strides`, the
+    wider `far_strides` for rows whose best lies outside the `corner`, `ks` (ranks of the
+    order-statistic starts, scored first) and `polish` rounds."""
+    corner = 10
+    if bits >= 4:
+        pairs = [(i, j) for i in range(0, n_bins, 50) for j in range(0, n_bins - i, 50)]
+        pairs += [(i, j) for i in range(0, corner + 1, 2) for j in range(0, corner + 1, 2)
+                  if (i, j) not in pairs]
+        return dict(pairs=pairs, strides=(1,), far_strides=(16, 8, 4, 2, 1), corner=corner,
+                    ks=(), polish=1)
+    pairs = [(i, j) for i in range(0, n_bins, 20) for j in range(0, n_bins - i, 20)]
+    # one end kept, the other clipped at an order statistic: a heavy-tailed row's outlier
+    # can deserve a level of its own while the other levels fit the bulk
+    ks = tuple(min(int(round(f * (d - 1))), (d - 1) // 2) for f in (0.02, 0.05, 0.1, 0.16, 0.25))
+    return dict(pairs=pairs, strides=(10, 5, 2, 1), far_strides=(), corner=corner, ks=ks, polish=2)
 
 
 def opt_qparams(x: np.ndarray, bits: int, n_bins: int = 200) -> tuple[np.ndarray, np.ndarray]:
@@ -599,7 +788,7 @@ def opt_qparams(x: np.ndarray, bits: int, n_bins: int = 200) -> tuple[np.ndarray
          can deserve a level of its own), since the 4-level optimum clips
          15-40% of the range, beyond GREEDY's 16% reach; both plus a stride-50 grid over the
          whole triangle i + j < n_bins for unusual rows;
-      2. a pattern search: the 8 neighbours of the best at strides (8, 4, 2, 1) at 2 bits;
+      2. a pattern search: the 8 neighbours of the best at strides (10, 5, 2, 1) at 2 bits;
          at 4+ bits stride 1, and (16, 8, 4, 2, 1) only for rows whose best is outside the
          corner;
       3. one least-squares refit of (scale, bias) to the best codes, rounded to fp16;
@@ -607,44 +796,59 @@ def opt_qparams(x: np.ndarray, bits: int, n_bins: int = 200) -> tuple[np.ndarray
          grid, so the result can beat the exhaustive grid optimum.
     About 65 (4-bit) to 110 (2-bit) range evaluations per row; no clipping limit.
 
+    Runs the compiled `greedy_kernel.opt_rows` (16 rows per SIMD register), which scores
+    the same candidates in the same order with the same float32 / float64 arithmetic as
+    `opt_qparams_numpy`, so both return the same bits (tested); the numpy version runs where
+    numba is unavailable.
+
     Args:
         x: float32 [n, d], finite. bits: 2, 4 or 8.
     Returns:
         (scale, bias) float32 [n] each, exactly representable in fp16, scale > 0.
     """
+    k = _kernels()
+    x = np.ascontiguousarray(x, dtype=F32)
+    n, d = x.shape
+    if k is None or n == 0 or d == 0:
+        return opt_qparams_numpy(x, bits, n_bins)
+    plan = _opt_plan(bits, n_bins, d)
+    pairs = np.array(plan["pairs"], np.int64).reshape(-1, 2)
+    args = (F32(qmax_of(bits)), float(n_bins), np.ascontiguousarray(pairs[:, 0]),
+            np.ascontiguousarray(pairs[:, 1]), np.array(plan["strides"], np.int64),
+            np.array(plan["far_strides"], np.int64), float(plan["corner"]),
+            np.array(plan["ks"], np.int64), int(plan["polish"]))
+    scale = np.empty(n, F32)
+    bias = np.empty(n, F32)
+    run_rows(lambda r0, r1: k.opt_rows(x, r0, r1, k.LANES, *args, scale, bias), n, least=128)
+    return scale, bias
+
+
+def opt_qparams_numpy(x: np.ndarray, bits: int, n_bins: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """`opt_qparams` in numpy: the reference the compiled kernel is tested against."""
     x = np.ascontiguousarray(x, dtype=F32)
     c = _Candidates(x, bits, n_bins)
     ring = np.array([(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if di or dj])
-    corner = 10
-    if bits >= 4:
-        pairs = [(i, j) for i in range(0, n_bins, 50) for j in range(0, n_bins - i, 50)]
-        pairs += [(i, j) for i in range(0, corner + 1, 2) for j in range(0, corner + 1, 2)
-                  if (i, j) not in pairs]
-        strides, polish = (1,), 1
-    else:
-        pairs = [(i, j) for i in range(0, n_bins, 20) for j in range(0, n_bins - i, 20)]
-        strides, polish = (10, 5, 2, 1), 2
-        # one end kept, the other clipped at an order statistic: a heavy-tailed row's
-        # outlier can deserve a level of its own while the other levels fit the bulk
+    plan = _opt_plan(bits, n_bins, x.shape[1])
+    corner, strides, polish = plan["corner"], plan["strides"], plan["polish"]
+    if plan["ks"]:
         xs = np.sort(x, axis=1).astype(np.float64)
         d = x.shape[1]
         step = np.where(c.step > 0, c.step, 1.0)  # constant rows: every range is the same
-        for f in (0.02, 0.05, 0.1, 0.16, 0.25):
-            k = min(int(round(f * (d - 1))), (d - 1) // 2)
+        for k in plan["ks"]:
             i = np.rint((xs[:, k] - c.xmin) / step).astype(np.int64)
             j = np.rint((c.xmax - xs[:, d - 1 - k]) / step).astype(np.int64)
             c.grid(np.stack([i, np.zeros_like(i)]), np.stack([np.zeros_like(j), j]))
-    for i, j in _batches(pairs, 8):
+    for i, j in _batches(plan["pairs"], 8):
         c.grid(i, j)
     for stride in strides:
         c.grid(c.best_i[None] + stride * ring[:, :1], c.best_j[None] + stride * ring[:, 1:])
-    if bits >= 4:
+    if plan["far_strides"]:
         far = np.flatnonzero((c.best_i > corner) | (c.best_j > corner))
         if far.size:  # rare rows (e.g. one extreme outlier): search around their best
             sub = _Candidates(x[far], bits, n_bins)
             sub.best, sub.best_i, sub.best_j = c.best[far], c.best_i[far], c.best_j[far]
             sub.best_s, sub.best_b = c.best_s[far], c.best_b[far]
-            for stride in (16, 8, 4, 2, 1):
+            for stride in plan["far_strides"]:
                 sub.grid(sub.best_i[None] + stride * ring[:, :1], sub.best_j[None] + stride * ring[:, 1:])
             c.best[far], c.best_s[far], c.best_b[far] = sub.best, sub.best_s, sub.best_b
     s1, b1 = _ls_step(c.xt, c.best_s, c.best_b, bits)
@@ -677,12 +881,14 @@ def opt_ranges(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     x = np.ascontiguousarray(x, dtype=F32)
     if x.shape[0] == 0:
         return np.zeros(0, F32), np.zeros(0, F32)
+    if _kernels() is not None:
+        return ranges_for_qparams(*opt_qparams(x, bits), bits)
     out_lo = np.empty(x.shape[0], F32)
     out_hi = np.empty(x.shape[0], F32)
     chunk = _chunk_rows(x.shape[0], 1024)  # [8, d, 1024] float32 buffers stay cache-sized
 
     def work(i: int) -> None:
-        sc, bi = opt_qparams(x[i : i + chunk], bits)
+        sc, bi = opt_qparams_numpy(x[i : i + chunk], bits)
         out_lo[i : i + chunk], out_hi[i : i + chunk] = ranges_for_qparams(sc, bi, bits)
 
     run_chunks(work, list(range(0, x.shape[0], chunk)))

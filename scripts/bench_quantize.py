@@ -4,9 +4,11 @@
 Speed: embq's GREEDY (`int4-greedy`, `int2-greedy`), better search (`int4-opt`) and min/max
 encoders against ATen `embedding_bag_{4,2}bit_prepack` (optimized_qparams=True / False) and
 fbgemm `FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf`, on the same rows, at several dims.
-Timings alternate the contenders and keep each one's best of several repeats (the machine
-may be shared); rows/s are wall clock, and the cpu_* figures (CPU seconds summed over threads)
-measure work, which other processes on the machine disturb less.
+Every contender runs once untimed first (embq's numba kernels compile, or load from their cache,
+on first use). Timings alternate the contenders and keep each one's best of several repeats
+(the machine may be shared); rows/s are wall clock, and the cpu_* figures (CPU seconds summed
+over threads) measure work, which other processes on the machine disturb less. `threads` is
+the number of threads embq's searches use (torch's GREEDY op is serial).
 
 Quality, on Gaussian (sigma 0.1) and Student-t(3) (x 0.05) rows of dim 64, squared error vs
 float32 (worst of the two distributions where one figure is reported):
@@ -85,6 +87,8 @@ def speed_rows(n: int, d: int, repeats: int) -> dict:
         "torch_int4_minmax": lambda: aten(4, False)(w),
         "embq_int4_minmax": lambda: i4.encode(x),
     }
+    for fn in fns.values():  # warm-up: numba kernels compile (or load from cache) on first use
+        fn()
     t, c = best_times(fns, repeats)
     out = {f"{k}_rows_per_s": n / v for k, v in t.items()}
     out.update({f"{k}_cpu_us_per_row": v / n * 1e6 for k, v in c.items()})
@@ -144,7 +148,8 @@ def main() -> None:
     rows_main = dict(sizes)[64] if 64 in dict(sizes) else sizes[0][0]
 
     print(f"embq quantize benchmark ({'quick' if args.quick else 'full'}; {os.cpu_count()} cores; "
-          f"torch {torch.__version__}); rows/s, best of {repeats}")
+          f"torch {torch.__version__}; embq kernels: {rowwise.kernel_engine()}, "
+          f"{rowwise.kernel_threads()} threads); rows/s, best of {repeats}")
     hdr = (f"{'rows':>6} {'dim':>4} | {'torch g4':>9} {'embq g4':>9} {'x':>5} {'ident':>5} | "
            f"{'torch g2':>9} {'embq g2':>9} {'x':>5} {'ident':>5} | {'embq opt4':>9} {'x':>5} | "
            f"{'fbgemm mm4':>10} {'embq mm4':>9}")
@@ -176,6 +181,7 @@ def main() -> None:
     figures = {
         "dim": 64,
         "rows": rows_main,
+        "threads": rowwise.kernel_threads(),
         "embq_int4_greedy_rows_per_s": round(s64["embq_int4_greedy_rows_per_s"]),
         "torch_int4_greedy_rows_per_s": round(s64["torch_int4_greedy_rows_per_s"]),
         "speedup_int4_greedy": round(s64["embq_int4_greedy_rows_per_s"] / s64["torch_int4_greedy_rows_per_s"], 2),

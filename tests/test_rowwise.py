@@ -1,5 +1,6 @@
 """Row-wise uniform quantization against independent references: fbgemm / ATen ops for bytes,
-float64 numpy for errors, and the exhaustive grid search for the better range search."""
+float64 numpy for errors, and the exhaustive grid search for the better range search; the
+compiled (numba) kernels also against the numpy reference implementations, bit for bit."""
 
 from __future__ import annotations
 
@@ -139,12 +140,27 @@ def test_fp16_cast_matches_numpy() -> None:
 # ------------------------------------------------------------------ GREEDY == ATen
 
 
+@pytest.mark.parametrize("dim", [16, 64, 128])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("kind", KINDS)
-def test_greedy_bytes_identical_to_aten(kind: str, bits: int) -> None:
-    x = make_rows(kind, n=150, seed=3)
+def test_greedy_bytes_identical_to_aten(kind: str, bits: int, dim: int) -> None:
+    """The compiled GREEDY (the default path) against ATen's own op, byte for byte."""
+    x = make_rows(kind, n=300, d=dim, seed=3 + dim)
     ours = rowwise.encode_ranges(x, *rowwise.greedy_ranges(x, bits), bits)
     np.testing.assert_array_equal(ours, aten_prepack(x, bits, optimized=True))
+
+
+def test_greedy_bytes_identical_to_aten_mixed_table() -> None:
+    """A larger table mixing every kind and per-row scales over 5 decades, split into several
+    pieces across threads."""
+    rng = np.random.default_rng(12)
+    x = np.concatenate([make_rows(k, n=400, seed=12) for k in KINDS])
+    x = (x * np.exp(rng.uniform(-6, 5, (x.shape[0], 1)))).astype(F32)
+    x = x[rng.permutation(x.shape[0])]
+    for bits in (4, 2):
+        lo, hi = rowwise.greedy_ranges(x, bits, chunk=300)
+        ours = rowwise.encode_ranges(x, lo, hi, bits)
+        np.testing.assert_array_equal(ours, aten_prepack(x, bits, True))
 
 
 @pytest.mark.parametrize("n_bins,ratio", [(100, 0.3), (50, 0.5)])
@@ -188,6 +204,170 @@ def test_greedy_terminates_where_aten_would_not() -> None:
     x = (1.0 + np.linspace(0, 1e-6, 16)).astype(F32)[None, :]
     lo, hi = rowwise.greedy_ranges(x, 4)
     assert lo[0] >= x.min() and hi[0] <= x.max()
+    for fn in (rowwise.greedy_ranges, rowwise.greedy_ranges_numpy):
+        lo, hi = fn(x, 4)
+        assert lo[0] >= x.min() and hi[0] <= x.max()
+
+
+def test_greedy_signed_zero_extremes() -> None:
+    """Rows whose min (or max) is 0 held as both -0.0 and 0.0: ATen takes the first one
+    (std::min_element), and its sign reaches the fp16 bias bytes."""
+    rng = np.random.default_rng(17)
+    x = rng.random((200, 16)).astype(F32)
+    for t in range(200):
+        i, j = rng.choice(16, 2, replace=False)
+        x[t, i], x[t, j] = (F32(-0.0), F32(0.0)) if t % 2 else (F32(0.0), F32(-0.0))
+    x[::3] *= F32(-1.0)
+    for bits in (4, 2):
+        ref = aten_prepack(x, bits, optimized=True)
+        for fn in (rowwise.greedy_ranges, rowwise.greedy_ranges_numpy):
+            np.testing.assert_array_equal(rowwise.encode_ranges(x, *fn(x, bits), bits), ref)
+
+
+# ------------------------------------------------------------------ compiled kernels == numpy
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = rowwise._kernels()
+    if k is None:
+        pytest.skip("numba kernels unavailable (numba missing or EMBQ_NO_NUMBA set)")
+    return k
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_greedy_kernel_matches_numpy_reference(kernels, bits: int) -> None:
+    for kind in KINDS:
+        for d in (16, 64, 128):
+            x = make_rows(kind, n=120, d=d, seed=20 + d)
+            got = rowwise.greedy_ranges(x, bits)
+            ref = rowwise.greedy_ranges_numpy(x, bits)
+            np.testing.assert_array_equal(got[0], ref[0], err_msg=f"{kind} d={d}")
+            np.testing.assert_array_equal(got[1], ref[1], err_msg=f"{kind} d={d}")
+
+
+def test_greedy_kernel_stuck_rows_match_numpy(kernels) -> None:
+    """Rows of a few float32 ulps (where ATen would loop forever or crawl): the kernel stops
+    where the numpy reference stops."""
+    rng = np.random.default_rng(13)
+    rows = []
+    for c in (1.0, 100.0, -3.0, 0.5):
+        ulp = np.spacing(F32(c))
+        for k in (1, 3, 10, 60, 150, 199, 200, 201, 400, 1000):
+            for _ in range(3):
+                rows.append(F32(c) + (rng.random(16) * k * ulp).astype(F32))
+    x = np.array(rows, F32)
+    for bits in (4, 2):
+        got, ref = rowwise.greedy_ranges(x, bits), rowwise.greedy_ranges_numpy(x, bits)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+
+
+def test_kernel_loss_is_atens_float32_order(kernels) -> None:
+    """The kernel's loss, bit for bit ATen's sequential float32 sum (greedy_loss_exact, checked
+    against a scalar loop above). A fused multiply-add in the compiled sum (LLVM contraction)
+    changes ~1 loss in 6 here, so this guards the "no FMA" requirement directly."""
+    kinds = ("gauss", "student_t", "trained", "outlier", "offset")
+    x = np.concatenate([make_rows(k, n=150, seed=14) for k in kinds])
+    lo, hi = x.min(axis=1) + F32(0.003), x.max(axis=1) - F32(0.002)
+    for bits in (4, 2):
+        out = np.empty(x.shape[0], F32)
+        kernels.aten_losses(x, lo, hi, F32(rowwise.qmax_of(bits)), out)
+        ref = rowwise.greedy_loss_exact(np.ascontiguousarray(x.T), lo, hi, bits)
+        np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+
+def test_kernel_fp16_rounding_matches_numpy(kernels) -> None:
+    """fp16r / fp16_bits against numpy's float16 cast: a wide random sample, every exact tie
+    between neighbouring halves (normal and subnormal), and the overflow boundary. (Checked
+    once over all 2^32 float32 bit patterns: no mismatch.)"""
+    rng = np.random.default_rng(2)
+    v = (rng.standard_normal(200_000) * np.exp2(rng.uniform(-30, 17, 200_000))).astype(F32)
+    u = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(F32)
+    halves = np.arange(0, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)
+    ties = ((halves[:-1] + halves[1:]) / 2).astype(F32)
+    edge = np.array([65504, 65519.996, 65520, 65536, 1e30, np.inf, 0.0, -0.0, 2.0**-14, 2.0**-24,
+                     2.0**-25, 2.0**-25 * 1.0000001, 2.0**-26, 1e-45], F32)
+    for arr in (v, u, ties, -ties, edge, -edge):
+        arr = np.ascontiguousarray(arr)
+        with np.errstate(over="ignore", invalid="ignore"):
+            ref = arr.astype(np.float16)
+        got = np.empty(arr.size, F32)
+        kernels.fp16_round_array(arr, got)
+        bits = np.empty(arr.size, np.uint16)
+        kernels.fp16_bits_array(arr, bits)
+        nan = np.isnan(ref)
+        want = ref[~nan].astype(F32).view(np.uint32)
+        np.testing.assert_array_equal(got[~nan].view(np.uint32), want)
+        np.testing.assert_array_equal(bits[~nan], ref[~nan].view(np.uint16))
+        assert np.isnan(got[nan]).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_encode_kernel_matches_numpy(kernels, bits: int) -> None:
+    """The compiled encoder against the numpy one: ranges inside, outside and across the rows,
+    tiny (scale rounding to 0 in fp16), empty (lo == hi) and inverted; dims that pack with and
+    without padding."""
+    rng = np.random.default_rng(15)
+    for d in (64, 13, 1):
+        if d > 1:
+            x = make_rows("student_t", n=400, d=d, seed=d)
+        else:
+            x = rng.standard_normal((400, 1)).astype(F32)
+        lo, hi = x.min(axis=1), x.max(axis=1)
+        cases = [
+            (lo, hi),
+            (lo + F32(0.1) * (hi - lo), hi - F32(0.2) * (hi - lo)),
+            (lo - F32(1.0), hi + F32(0.5)),
+            (lo, lo + F32(1e-9)),
+            (lo, lo),
+            (hi, lo),
+            (rng.standard_normal(400).astype(F32), rng.standard_normal(400).astype(F32)),
+        ]
+        for a, b in cases:
+            got = rowwise.encode_ranges(x, a, b, bits)
+            np.testing.assert_array_equal(got, rowwise.encode_ranges_numpy(x, a, b, bits))
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dim", [16, 64, 128])
+def test_opt_kernel_matches_numpy(kernels, bits: int, dim: int) -> None:
+    """The compiled better search returns the numpy reference's (scale, bias) bit for bit."""
+    for kind in KINDS:
+        x = make_rows(kind, n=100, d=dim, seed=30 + dim)
+        s1, b1 = rowwise.opt_qparams(x, bits)
+        s2, b2 = rowwise.opt_qparams_numpy(x, bits)
+        np.testing.assert_array_equal(s1.view(np.uint32), s2.view(np.uint32), err_msg=kind)
+        np.testing.assert_array_equal(b1.view(np.uint32), b2.view(np.uint32), err_msg=kind)
+
+
+def test_numpy_fallback(monkeypatch) -> None:
+    """Without numba the numpy paths run, with the same results."""
+    x = make_rows("trained", n=200, seed=16)
+    with_kernels = (rowwise.greedy_ranges(x, 4), rowwise.opt_ranges(x, 2))
+    monkeypatch.setattr(rowwise, "_KERNELS", [None])
+    assert rowwise.kernel_engine() == "numpy"
+    lo, hi = rowwise.greedy_ranges(x, 4)
+    np.testing.assert_array_equal(rowwise.encode_ranges(x, lo, hi, 4), aten_prepack(x, 4, True))
+    np.testing.assert_array_equal(lo, with_kernels[0][0])
+    np.testing.assert_array_equal(rowwise.opt_ranges(x, 2)[0], with_kernels[1][0])
+
+
+def test_run_rows_covers_every_row_once_and_raises() -> None:
+    seen = np.zeros(5000, np.int64)
+
+    def fn(r0: int, r1: int) -> None:
+        seen[r0:r1] += 1
+
+    rowwise.run_rows(fn, 5000, most=300, least=100)
+    assert np.all(seen == 1)
+
+    def boom(r0: int, r1: int) -> None:
+        if r0 >= 1000:
+            raise RuntimeError("piece failed")
+
+    with pytest.raises(RuntimeError, match="piece failed"):
+        rowwise.run_rows(boom, 5000, most=300, least=100)
 
 
 # ------------------------------------------------------------------ better search
