@@ -1,12 +1,20 @@
-"""Artifact -> inference modules: fbgemm kernels for row-wise tables, codebook bags for the rest.
+"""Artifact -> inference modules: ATen / fbgemm kernels for row-wise tables, codebook bags else.
 
 `load_inference_model(path)` turns an artifact written by `embq quantize` into an eager module,
 `forward(dense float32 [B, n_dense], sparse KeyedJaggedTensor) -> logits float32 [B]`:
 
-- row-wise tables (fp32, fp16, int8/4/2 and their searches) go into fbgemm's
-  `IntNBitTableBatchedEmbeddingBagsCodegen`, one module per pooling mode holding every such
-  table whatever its format (the kernel mixes weight types), CPU / `EmbeddingLocation.HOST`.
-  Their bytes are copied from the artifact's memory-mapped rows as they are: nothing is
+- row-wise 4-bit and 2-bit tables (int4, int2 and their greedy / opt searches) are looked up by
+  ATen's `quantized::embedding_bag_{4,2}bit_rowwise_offsets` (`RowwiseNBitBagCollection`,
+  kernel "aten-nbit"), which reads the artifact's fused rows (codes, fp16 scale, fp16 bias) as
+  they are: the rows stay memory-mapped, nothing is copied or re-quantized. One op call per
+  table, tables spread over torch's threads for large batches; in `scripts/bench_serving.py
+  --quick` (26 x 200k x 64, batch 512, 1 thread) it looks rows up ~1.4x faster than the TBE
+  does on the same (unaligned) bytes;
+- the other row-wise tables (fp32, fp16, int8), and every row-wise table when loaded with
+  kernel="tbe", go into fbgemm's `IntNBitTableBatchedEmbeddingBagsCodegen` (kernel
+  "fbgemm-tbe"), one module per pooling mode holding every such table whatever its format (the
+  kernel mixes weight types), CPU / `EmbeddingLocation.HOST`. Their bytes are copied from the
+  artifact's memory-mapped rows as they are (the TBE keeps qparams first): nothing is
   re-quantized, and the tables stay compressed in memory;
 - codebook / PQ tables go to `embq.codebook_bag` (their codes stay memory-mapped);
 - the dense towers come from dense.safetensors, built by the loader registered for the dense
@@ -27,6 +35,9 @@
 
 The feature order, table sizes and formats are in the file's extra file "embq_metadata.json"
 (`torch.jit.load(path, _extra_files={"embq_metadata.json": ""})`) and in `inference_metadata`.
+A scripted module cannot read torch's thread count: its n-bit lookups run on one thread unless
+told otherwise, e.g. `for g in m.embeddings.groups.children(): if hasattr(g.kernel, "threads"):
+g.kernel.threads = 2` (eager models follow torch.get_num_threads()).
 """
 
 from __future__ import annotations
@@ -43,11 +54,41 @@ import numpy as np
 import torch
 
 from embq.artifact import Artifact, load_artifact
-from embq.errors import ArtifactError, DataError
+from embq.errors import ArtifactError, ConfigError, DataError
 from embq.model import DLRMConfig
 from embq.torchrec import POOLINGS, QuantizedTable, is_rowwise, tbe_weight_pair
 
 METADATA_FILE = "embq_metadata.json"  # extra file inside exported TorchScript archives
+
+# Lookup kernels, as named in `inference_metadata` ("kernel" of each table).
+KERNEL_TBE = "fbgemm-tbe"  # fbgemm IntNBitTableBatchedEmbeddingBagsCodegen
+KERNEL_NBIT = "aten-nbit"  # ATen quantized::embedding_bag_{4,2}bit_rowwise_offsets
+KERNEL_CODEBOOK = "codebook-bag"  # embq.codebook_bag
+# Choices of `load_inference_model(..., kernel=)`: "auto" serves 4-bit and 2-bit row-wise tables
+# with KERNEL_NBIT and the other row-wise tables with the TBE; "tbe" puts every row-wise table in
+# the TBE.
+KERNEL_CHOICES = ("auto", "tbe")
+
+
+def check_kernel_choice(kernel: str) -> str:
+    """`kernel` if it is one of KERNEL_CHOICES, else ConfigError."""
+    if kernel not in KERNEL_CHOICES:
+        raise ConfigError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
+    return kernel
+
+
+def table_kernel(format_name: str, kernel: str = "auto") -> str:
+    """The lookup kernel (KERNEL_NBIT, KERNEL_TBE or KERNEL_CODEBOOK) that serves a table of
+    `format_name` under the `kernel` choice."""
+    check_kernel_choice(kernel)
+    if not is_rowwise(format_name):
+        return KERNEL_CODEBOOK
+    from embq.formats import get_format
+
+    fmt = get_format(format_name)
+    if kernel == "auto" and fmt.sparse_type in ("INT4", "INT2") and fmt.bits in (4, 2):
+        return KERNEL_NBIT
+    return KERNEL_TBE
 
 
 # --------------------------------------------------------------------------- embedding lookups
@@ -90,18 +131,376 @@ def build_tbe(tables: list[QuantizedTable], pooling: str) -> torch.nn.Module:
     )
 
 
+class _NBitTable(torch.nn.Module):
+    """One 4-bit or 2-bit row-wise table of a `RowwiseNBitBagCollection`: its fused rows as the
+    buffer `weight` (uint8 [rows, packed codes + 4], the artifact's bytes, not copied) and where
+    its features sit in the caller's input."""
+
+    def __init__(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        bits: int,
+        dim: int,
+        pooling: str,
+        first: int,
+        feature_names: list[str],
+    ) -> None:
+        super().__init__()
+        if bits not in (4, 2):
+            raise ConfigError(
+                f"table {name!r}: the ATen n-bit kernel takes 4 or 2 bits, not {bits}"
+            )
+        if pooling not in POOLINGS:
+            raise ConfigError(f"table {name!r}: pooling {pooling!r} is not one of {POOLINGS}")
+        per_byte = 8 // bits
+        if weight.dtype != torch.uint8 or weight.ndim != 2 or (
+            weight.shape[1] != dim // per_byte + 4 or dim % per_byte
+        ):
+            raise ArtifactError(
+                f"table {name!r}: int{bits} rows of dim {dim} must be uint8 "
+                f"[rows, {dim // per_byte + 4}], got {weight.dtype} {list(weight.shape)}"
+            )
+        self.register_buffer("weight", weight)
+        self.name: str = name
+        self.bits: int = int(bits)
+        self.dim: int = int(dim)
+        self.rows: int = int(weight.shape[0])
+        self.mean: bool = pooling == "MEAN"
+        self.first: int = int(first)
+        self.count: int = len(feature_names)
+        self.feature_names = list(feature_names)
+
+
+class RowwiseNBitBagCollection(torch.nn.Module):
+    """Pooled lookups of 4-bit / 2-bit row-wise tables with ATen's
+    `quantized::embedding_bag_{4,2}bit_rowwise_offsets`, one call per table (CPU).
+
+    Those ops read fbgemm's fused rows with qparams LAST (packed codes, fp16 scale, fp16 bias) --
+    exactly embq's row-wise bytes -- so the tables are used in place (memory-mapped artifact rows
+    stay memory-mapped). The op always SUMs (its `mode` argument is ignored); MEAN tables divide
+    by the bag length here (an empty bag pools to 0, as in fbgemm's TBE).
+
+    The module takes the caller's WHOLE input, key-major over `num_features` features, and each
+    table reads its own features' bags (`first` .. `first + count - 1`) in place, so no
+    permutation is needed when it serves only some of the features.
+
+    Ids are checked before any op reads them (the ops' own bounds checks are not part of their
+    contract): an id outside [0, rows) of its table raises embq.errors.DataError naming the
+    feature, id and table (under TorchScript a torch.jit.Error -- a RuntimeError when the tables
+    were spread over threads -- whose message carries "embq.errors.DataError: ..."). The check
+    is one min / max over all ids when they all lie below the smallest table's rows, else one
+    vectorized comparison (small batches) or a min / max per table (large ones, and each
+    thread's own tables when they are spread over threads).
+
+    Threads: with torch.get_num_threads() > 1, a batch of at least `parallel_min_ids` ids spreads
+    the tables over that many tasks (torch.jit.fork, torch's inter-op pool), each checking and
+    looking up its own tables: the lookups are bound by memory latency, so each core adds misses
+    in flight. (OMP_WAIT_POLICY=ACTIVE defeats this: OpenMP threads busy-waiting after an op
+    take the cores the tasks need; the default policy and PASSIVE are fine.)
+
+    The tables are fixed once built: the per-table lists the loops read (`weights`, ...) hold the
+    same tensors as the `tables` submodules' `weight` buffers, which state_dict lists.
+
+    forward(values int64 [N], offsets int64 [num_features * B + 1]) -> float32
+    [B, sum of its tables' count * dim], tables in order, each table's features in order.
+    """
+
+    # At most this many ids are range-checked with one per-id comparison (it materializes a
+    # limit per id); more are checked with a min / max per table.
+    VECTOR_CHECK_IDS = 16384
+    # Batches with fewer ids run on one thread: a fork (and waking a pool thread) costs more than
+    # it saves there (measured on 2 cores: slower at 33k ids, 1.3x faster at 66k, 1.4x at 266k).
+    PARALLEL_MIN_IDS = 65536
+    # Eager calls run a TorchScript copy of this module (`_scripted`, made on first use, and
+    # again after an attribute of this module is set; it shares the tables, nothing is copied):
+    # its per-table overhead is ~2 us against ~5 us for the Python loop, which matters at small
+    # batches (26 tables at batch 1: ~50 us vs ~130 us). That copy is no part of the module's
+    # state, and scripting the module leaves it out.
+    __jit_ignored_attributes__ = ["_scripted"]
+
+    def __init__(self, tables: list[_NBitTable], num_features: int) -> None:
+        super().__init__()
+        if not tables:
+            raise ConfigError("a RowwiseNBitBagCollection needs at least one table")
+        self.tables = torch.nn.ModuleList(tables)
+        self.num_features: int = int(num_features)
+        self.min_rows: int = min(t.rows for t in tables)
+        self.out_dim: int = sum(t.count * t.dim for t in tables)
+        self.any_mean: bool = any(t.mean for t in tables)
+        self.vector_check_ids: int = self.VECTOR_CHECK_IDS
+        self.parallel_min_ids: int = self.PARALLEL_MIN_IDS
+        self.threads: int = 1  # tasks of a scripted forward (see forward)
+        # Per table, as lists: TorchScript loops over them with a real loop (a ModuleList loop
+        # is unrolled, and the executor's first runs of a 26-fold unrolled graph take seconds).
+        # Lists stay unannotated: TorchScript infers their types from the (non-empty) values.
+        self.weights = [t.weight for t in tables]
+        self.table_names = [t.name for t in tables]
+        self.table_bits = [t.bits for t in tables]
+        self.table_rows = [t.rows for t in tables]
+        self.table_means = [t.mean for t in tables]
+        self.table_firsts = [t.first for t in tables]
+        self.table_counts = [t.count for t in tables]
+        # Per feature of the caller's input: its name ("" for features other kernels serve), the
+        # rows of the table serving it (int64 max for the others) and the position of its
+        # table's first feature.
+        names = [""] * num_features
+        limit = [torch.iinfo(torch.int64).max] * num_features
+        table_first = list(range(num_features))
+        for t in tables:
+            for j in range(t.count):
+                names[t.first + j] = t.feature_names[j]
+                limit[t.first + j] = t.rows
+                table_first[t.first + j] = t.first
+        self.feature_names = names
+        self.register_buffer(
+            "feature_rows", torch.tensor(limit, dtype=torch.int64), persistent=False
+        )
+        self.register_buffer(
+            "table_first", torch.tensor(table_first, dtype=torch.int64), persistent=False
+        )
+        self._scripted: Any = None
+
+    @classmethod
+    def from_tables(
+        cls, tables: list[QuantizedTable], first: list[int], num_features: int
+    ) -> RowwiseNBitBagCollection:
+        """From encoded tables; first[i] is the position of tables[i]'s first feature in the
+        caller's feature order (its features follow it, in order)."""
+        from embq.formats import get_format
+
+        modules = []
+        for t, start in zip(tables, first):
+            codes = t.codes
+            if isinstance(codes, np.ndarray):
+                # memory-mapped (mode "c": writable, so from_numpy takes it without a copy) or
+                # in-memory rows; ascontiguousarray copies only rows that are not contiguous
+                codes = torch.from_numpy(np.ascontiguousarray(codes))
+            codes = codes.contiguous()  # the ops read contiguous rows only (no copy if they are)
+            modules.append(
+                _NBitTable(
+                    t.name,
+                    codes,
+                    get_format(t.format).bits,
+                    t.dim,
+                    t.pooling,
+                    start,
+                    list(t.feature_names),
+                )
+            )
+        return cls(modules, num_features)
+
+    def _out_of_range(self, values: torch.Tensor, starts: list[int]) -> str:
+        """The error message naming the first id outside its table."""
+        for i in range(len(self.weights)):
+            for j in range(self.table_counts[i]):
+                f = self.table_firsts[i] + j
+                ids = values[starts[f] : starts[f + 1]]
+                bad = ((ids < 0) | (ids >= self.table_rows[i])).nonzero()
+                if bad.numel() > 0:
+                    message = "id {} of feature '{}' is outside its table's {} rows (table '{}')"
+                    return message.format(
+                        int(ids[int(bad[0, 0])]),
+                        self.feature_names[f],
+                        self.table_rows[i],
+                        self.table_names[i],
+                    )
+        negative = (values < 0).nonzero()  # in a feature another kernel serves
+        if negative.numel() > 0:
+            k = int(negative[0, 0])
+            return "id {} (position {} of the ids) is negative".format(int(values[k]), k)
+        return "an id is outside its table's rows"
+
+    def _ids_in_range(
+        self, values: torch.Tensor, bounds: torch.Tensor, starts: list[int]
+    ) -> bool:
+        """Whether every id of this collection's features lies in [0, rows of its table) and no
+        id at all is negative."""
+        n = values.numel()
+        if n == 0:
+            return True
+        low, high = torch.aminmax(values)
+        if int(low) < 0:
+            return False
+        if int(high) < self.min_rows:
+            return True
+        if n <= self.vector_check_ids:
+            limit = torch.repeat_interleave(
+                self.feature_rows, bounds[1:] - bounds[:-1], dim=0, output_size=n
+            )
+            return not bool((values >= limit).any())
+        for i in range(len(self.weights)):
+            start = starts[self.table_firsts[i]]
+            stop = starts[self.table_firsts[i] + self.table_counts[i]]
+            if stop > start and int(values[start:stop].max()) >= self.table_rows[i]:
+                return False
+        return True
+
+    @torch.jit.unused
+    def _eager_forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """forward, in eager mode: the scripted copy's `lookup` on torch's intra-op thread count,
+        with its refusals as DataError."""
+        scripted = self._scripted
+        if scripted is None:
+            # in __dict__, not registered as a submodule (setattr would register a Module)
+            scripted = self.__dict__["_scripted"] = torch.jit.script(self)
+        try:
+            return scripted.lookup(values, offsets, torch.get_num_threads())
+        except (torch.jit.Error, RuntimeError) as e:  # RuntimeError: resumed after a fork
+            if "embq.errors.DataError" not in str(e):
+                raise
+            batch = max((offsets.shape[0] - 1) // self.num_features, 1)
+            raise DataError(
+                self._out_of_range(values, offsets[0::batch].tolist())
+            ) from None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_scripted"] = None  # copies and pickles script themselves again
+        return state
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name != "_scripted" and self.__dict__.get("_scripted") is not None:
+            self.__dict__["_scripted"] = None  # re-scripted on the next call, with the change
+
+    def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Pooled lookups (see the class docstring). Eager calls spread the tables over
+        torch.get_num_threads() tasks; TorchScript cannot read that setting, so a scripted
+        module uses its attribute `threads` (1 unless set on the loaded module)."""
+        if not torch.jit.is_scripting():
+            return self._eager_forward(values, offsets)
+        return self.lookup(values, offsets, self.threads)
+
+    def _cuts(self, starts: list[int], tasks: int) -> list[int]:
+        """Table indices [0, ..., len(tables)] cutting the tables into at most `tasks` runs of
+        about equal numbers of ids."""
+        sizes: list[int] = []
+        for i in range(len(self.weights)):
+            first = self.table_firsts[i]
+            sizes.append(starts[first + self.table_counts[i]] - starts[first])
+        total = sum(sizes)
+        cuts: list[int] = [0]
+        done = 0
+        for i in range(len(sizes) - 1):
+            done += sizes[i]
+            if len(cuts) < tasks and done * tasks >= total * len(cuts):
+                cuts.append(i + 1)
+        cuts.append(len(sizes))
+        return cuts
+
+    def _pool(
+        self,
+        values: torch.Tensor,
+        relative: torch.Tensor,
+        lengths: torch.Tensor,
+        starts: list[int],
+        batch: int,
+        lo: int,
+        hi: int,
+        check: bool,
+    ) -> tuple[list[torch.Tensor], bool]:
+        """(pooled [B, count * dim] of tables lo .. hi - 1 (one op call each), whether all were
+        looked up). `check`: range-check each table's ids (min / max) before its op, and stop
+        at the first table with an id outside it (the caller raises, so that a forked task's
+        refusal surfaces as the same error)."""
+        outs: list[torch.Tensor] = []
+        for i in range(lo, hi):
+            first = self.table_firsts[i]
+            count = self.table_counts[i]
+            ids = values[starts[first] : starts[first + count]]
+            if check and ids.numel() > 0:
+                low, high = torch.aminmax(ids)
+                if int(low) < 0 or int(high) >= self.table_rows[i]:
+                    return outs, False
+            bag_offsets = relative[first * batch : (first + count) * batch]
+            if self.table_bits[i] == 4:
+                pooled = torch.ops.quantized.embedding_bag_4bit_rowwise_offsets(
+                    self.weights[i], ids, bag_offsets, False, 0, False, None, None, False
+                )
+            else:
+                pooled = torch.ops.quantized.embedding_bag_2bit_rowwise_offsets(
+                    self.weights[i], ids, bag_offsets, False, 0, False, None, None, False
+                )
+            if self.table_means[i]:
+                divisor = lengths[first * batch : (first + count) * batch].clamp(min=1)
+                pooled = pooled / divisor.to(torch.float32).unsqueeze(1)
+            if count > 1:  # [count * B, dim], feature-major -> [B, count * dim]
+                pooled = pooled.reshape(count, batch, -1).transpose(0, 1).reshape(batch, -1)
+            outs.append(pooled)
+        return outs, True
+
+    @torch.jit.export
+    def lookup(self, values: torch.Tensor, offsets: torch.Tensor, threads: int) -> torch.Tensor:
+        """forward, with the tables spread over up to `threads` tasks (see the class docstring)
+        when the batch holds at least `parallel_min_ids` ids."""
+        batch = (offsets.shape[0] - 1) // self.num_features
+        if batch == 0:
+            return torch.zeros(0, self.out_dim, dtype=torch.float32)
+        values = values.contiguous()  # the ops take contiguous ids only
+        bounds = offsets[0::batch]  # [F + 1]: where each feature's ids start in `values`
+        starts: list[int] = bounds.tolist()
+        cuts: list[int] = [0, len(self.weights)]
+        if threads > 1 and len(self.weights) > 1 and values.numel() >= self.parallel_min_ids:
+            cuts = self._cuts(starts, threads)
+        # One task: one check of every id first. Several: each task checks its own tables, one
+        # by one; a min / max over every id would run on torch's intra-op threads, whose
+        # busy-waiting afterwards would take the cores the tasks need.
+        forked = len(cuts) > 2
+        if not forked and not self._ids_in_range(values, bounds, starts):
+            raise DataError(self._out_of_range(values, starts))
+        # every bag's offset relative to the first id of its table, for all tables at once
+        relative = (
+            offsets[:-1].reshape(self.num_features, batch)
+            - bounds.index_select(0, self.table_first).unsqueeze(1)
+        ).reshape(-1)
+        lengths = offsets[1:] - offsets[:-1] if self.any_mean else offsets[:0]
+        futures: list[torch.jit.Future[tuple[list[torch.Tensor], bool]]] = []
+        for k in range(1, len(cuts) - 1):
+            futures.append(
+                torch.jit.fork(
+                    self._pool,
+                    values,
+                    relative,
+                    lengths,
+                    starts,
+                    batch,
+                    cuts[k],
+                    cuts[k + 1],
+                    forked,
+                )
+            )
+        outs, ok = self._pool(values, relative, lengths, starts, batch, cuts[0], cuts[1], forked)
+        for future in futures:
+            more, done = torch.jit.wait(future)
+            outs.extend(more)
+            ok = ok and done
+        if not ok:
+            raise DataError(self._out_of_range(values, starts))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
 class FeatureGroup(torch.nn.Module):
     """One lookup kernel and the features it serves.
 
     `features` are indices into the caller's feature order; forward picks those features' bags
     out of the caller's jagged input (fbgemm `permute_2D_sparse_data`; skipped when the kernel
-    serves every feature in order) and returns the kernel's pooled float32 [B, sum of its dims].
+    serves every feature in order, or takes the whole input itself: `whole_input`) and returns
+    the kernel's pooled float32 [B, sum of its dims].
     """
 
-    def __init__(self, kernel: torch.nn.Module, features: list[int], num_features: int) -> None:
+    def __init__(
+        self,
+        kernel: torch.nn.Module,
+        features: list[int],
+        num_features: int,
+        whole_input: bool = False,
+    ) -> None:
+        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.*, which forward calls)
+
         super().__init__()
         self.kernel = kernel
-        self.identity: bool = list(features) == list(range(num_features))
+        self.identity: bool = whole_input or list(features) == list(range(num_features))
         self.register_buffer(
             "features", torch.tensor(features, dtype=torch.int32), persistent=False
         )
@@ -161,10 +560,17 @@ class QuantEmbeddingBags(torch.nn.Module):
         return pooled.index_select(1, self.columns)
 
 
-def build_embedding_bags(tables: list[QuantizedTable]) -> QuantEmbeddingBags:
-    """Kernels for encoded tables: one fbgemm TBE per pooling mode for the row-wise tables, one
-    `CodebookBagCollection` for codebook / PQ tables. Feature order: tables in order, each
-    table's feature_names in order."""
+def build_embedding_bags(
+    tables: list[QuantizedTable], kernel: str = "auto"
+) -> QuantEmbeddingBags:
+    """Kernels for encoded tables: one `RowwiseNBitBagCollection` (ATen) for the 4-bit / 2-bit
+    row-wise tables (kernel "auto", the default), one fbgemm TBE per pooling mode for the other
+    row-wise tables (every row-wise table with kernel="tbe"), one `CodebookBagCollection` for
+    codebook / PQ tables. Feature order: tables in order, each table's feature_names in order.
+
+    Raises:
+        ConfigError: kernel is not one of KERNEL_CHOICES.
+    """
     from embq.codebook_bag import CodebookBagCollection
 
     first, feature_names, feature_dims = {}, [], []
@@ -177,17 +583,24 @@ def build_embedding_bags(tables: list[QuantizedTable]) -> QuantEmbeddingBags:
     def features_of(group: list[QuantizedTable]) -> list[int]:
         return [first[t.name] + j for t in group for j in range(len(t.feature_names))]
 
-    kernels: list[tuple[torch.nn.Module, list[QuantizedTable]]] = []
+    served_by = {t.name: table_kernel(t.format, kernel) for t in tables}
+    kernels: list[tuple[torch.nn.Module, list[QuantizedTable], bool]] = []
+    nbit = [t for t in tables if served_by[t.name] == KERNEL_NBIT]
+    if nbit:
+        collection = RowwiseNBitBagCollection.from_tables(
+            nbit, [first[t.name] for t in nbit], num_features
+        )
+        kernels.append((collection, nbit, True))  # reads its features from the whole input
     for pooling in POOLINGS:
-        rowwise = [t for t in tables if is_rowwise(t.format) and t.pooling == pooling]
-        if rowwise:
-            kernels.append((build_tbe(rowwise, pooling), rowwise))
-    codebook = [t for t in tables if not is_rowwise(t.format)]
+        tbe = [t for t in tables if served_by[t.name] == KERNEL_TBE and t.pooling == pooling]
+        if tbe:
+            kernels.append((build_tbe(tbe, pooling), tbe, False))
+    codebook = [t for t in tables if served_by[t.name] == KERNEL_CODEBOOK]
     if codebook:
-        kernels.append((CodebookBagCollection.from_tables(codebook), codebook))
-    groups = [FeatureGroup(k, features_of(ts), num_features) for k, ts in kernels]
+        kernels.append((CodebookBagCollection.from_tables(codebook), codebook, False))
+    groups = [FeatureGroup(k, features_of(ts), num_features, whole) for k, ts, whole in kernels]
     return QuantEmbeddingBags(
-        groups, feature_names, feature_dims, [features_of(ts) for _, ts in kernels]
+        groups, feature_names, feature_dims, [features_of(ts) for _, ts, _ in kernels]
     )
 
 
@@ -231,12 +644,15 @@ def artifact_tables(
 
 
 def load_embedding_bags(
-    path: str | os.PathLike | Artifact, verify: bool = True
+    path: str | os.PathLike | Artifact, verify: bool = True, kernel: str = "auto"
 ) -> QuantEmbeddingBags:
-    """The pooled-lookup module of an artifact's tables (any artifact, with or without a model)."""
+    """The pooled-lookup module of an artifact's tables (any artifact, with or without a model).
+    `kernel`: see `build_embedding_bags`."""
+    check_kernel_choice(kernel)  # before reading anything
     artifact = path if isinstance(path, Artifact) else load_artifact(path, verify=verify)
     return build_embedding_bags(
-        artifact_tables(artifact, _model_section(artifact, required=False).get("pooling"))
+        artifact_tables(artifact, _model_section(artifact, required=False).get("pooling")),
+        kernel,
     )
 
 
@@ -258,7 +674,9 @@ class DenseTowers(NamedTuple):
 DenseLoader = Callable[[DLRMConfig, dict[str, torch.Tensor], dict[str, Any]], DenseTowers]
 # meta "kind" -> the loader, or "module:function" naming one (imported on first use, so kinds
 # whose code lives elsewhere, e.g. embq.dense, need no import here). The one dispatch table.
-DENSE_LOADERS: dict[str, DenseLoader | str] = {}
+DENSE_LOADERS: dict[str, DenseLoader | str] = {
+    "embq-dense-ptq": "embq.dense.runtime_towers:load_towers",  # towers from embq.dense
+}
 
 
 def register_dense_loader(kind: str) -> Callable[[DenseLoader], DenseLoader]:
@@ -468,13 +886,19 @@ def _dlrm_config(artifact: Artifact) -> DLRMConfig:
     return config
 
 
-def inference_metadata(artifact: str | os.PathLike | Artifact) -> dict[str, Any]:
+def inference_metadata(
+    artifact: str | os.PathLike | Artifact, kernel: str = "auto"
+) -> dict[str, Any]:
     """What a server needs to know about an artifact, as JSON-able data.
+
+    `kernel`: the kernel choice the model is (or will be) loaded with (see
+    `load_inference_model`); it decides each table's "kernel" entry.
 
     Returns:
         {"model": "dlrm" | None,
-         "tables": [{name, format, kernel ("fbgemm-tbe" | "codebook-bag"), rows, dim, bytes
-                     (the table file, bytes), bytes_per_row, feature_names, pooling, stats}],
+         "tables": [{name, format, kernel ("aten-nbit" | "fbgemm-tbe" | "codebook-bag"), rows,
+                     dim, bytes (the table file, bytes), bytes_per_row, feature_names, pooling,
+                     stats}],
          "table_bytes": total bytes of the table files,
          "fp32_bytes": what the same tables take in fp32 (rows * dim * 4),
          "formats": {format: number of tables},
@@ -485,6 +909,7 @@ def inference_metadata(artifact: str | os.PathLike | Artifact) -> dict[str, Any]
                                "offsets": "int64 [F * B + 1]"}},
          "output": "logits float32 [B]" | None}
     """
+    check_kernel_choice(kernel)  # before reading anything
     if not isinstance(artifact, Artifact):
         artifact = load_artifact(artifact, verify=False)
     model = _model_section(artifact, required=False)
@@ -495,7 +920,7 @@ def inference_metadata(artifact: str | os.PathLike | Artifact) -> dict[str, Any]
             {
                 "name": name,
                 "format": e.format,
-                "kernel": "fbgemm-tbe" if is_rowwise(e.format) else "codebook-bag",
+                "kernel": table_kernel(e.format, kernel),
                 "rows": e.rows,
                 "dim": e.dim,
                 "bytes": e.bytes,
@@ -539,23 +964,30 @@ def inference_metadata(artifact: str | os.PathLike | Artifact) -> dict[str, Any]
     }
 
 
-def load_inference_model(path: str | os.PathLike, verify: bool = True) -> InferenceDLRM:
+def load_inference_model(
+    path: str | os.PathLike, verify: bool = True, kernel: str = "auto"
+) -> InferenceDLRM:
     """An artifact written by `embq quantize` as an eager inference model (eval mode).
 
     Args:
         path: the artifact directory.
         verify: check every file's sha256 while loading (reads each byte once).
+        kernel: "auto" (default): 4-bit / 2-bit row-wise tables use ATen's n-bit embedding-bag
+            ops on the memory-mapped rows, int8 / fp16 / fp32 tables fbgemm's TBE; "tbe": every
+            row-wise table in fbgemm's TBE. Codebook / PQ tables use embq.codebook_bag either way.
 
     Raises:
         ArtifactError: not a DLRM artifact, tables that disagree with its config, dense towers
             of an unknown kind, or anything `load_artifact` refuses.
+        ConfigError: an unknown kernel choice.
     """
+    check_kernel_choice(kernel)  # before reading anything
     artifact = load_artifact(path, verify=verify)
     config = _dlrm_config(artifact)
     pooling = _model_section(artifact).get("pooling")
     tables = {t.name: t for t in artifact_tables(artifact, pooling)}
     ordered = [tables[config.table_name(f)] for f in config.sparse_feature_names]
-    embeddings = build_embedding_bags(ordered)
+    embeddings = build_embedding_bags(ordered, kernel)
     meta = artifact.dense_meta
     if meta is None:
         raise ArtifactError(
@@ -564,23 +996,32 @@ def load_inference_model(path: str | os.PathLike, verify: bool = True) -> Infere
     towers = load_dense_towers(config, artifact.dense(), meta)
     core = DLRMCore(embeddings, towers, config.embedding_dim).eval()
     model = InferenceDLRM(
-        core, config.dense_in_features, list(config.num_embeddings), inference_metadata(artifact)
+        core,
+        config.dense_in_features,
+        list(config.num_embeddings),
+        inference_metadata(artifact, kernel),
     )
     return model.eval()
 
 
-def export_torchscript(artifact_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+def export_torchscript(
+    artifact_path: str | os.PathLike, out_path: str | os.PathLike, kernel: str = "auto"
+) -> Path:
     """Script the artifact's inference model and save it (TorchScript, `torch.jit.save`).
 
     The saved module takes (dense float32 [B, n_dense], values int64 [N], offsets int64
     [F*B+1]) and returns logits float32 [B] (see the module docstring); the tables inside stay
     in their compressed formats. `inference_metadata` is stored as the extra file
     "embq_metadata.json". The file is written to a temporary name and renamed into place.
+    `kernel`: as in `load_inference_model`. Ids outside their table raise a torch.jit.Error
+    (or RuntimeError) before any kernel reads them: "embq.errors.DataError: id ... of feature
+    ..." for tables on the "aten-nbit" kernel (the module checks them itself), fbgemm's /
+    embq.codebook_bag's own bounds-check errors for the others.
 
     Returns:
         out_path.
     """
-    model = load_inference_model(artifact_path)
+    model = load_inference_model(artifact_path, kernel=kernel)
     scripted = torch.jit.script(model.core)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,12 @@
    one artifact per format, written by embq (`embq.torchrec.quantize_tables` +
    `embq.cli_quantize.write_artifact`, what `embq quantize` runs).
 2. Measure, in this one process, for the fp32 model (TorchRec `EmbeddingBagCollection` inside
-   TorchRec's DLRM) and each artifact (embq.runtime kernels, loaded by the serving Predictor;
-   the "fp32" artifact is the same fp32 tables in fbgemm's TBE): predictions per second and
+   TorchRec's DLRM) and each artifact (embq.runtime kernels, loaded by the serving Predictor:
+   "aten-nbit" = ATen's quantized::embedding_bag_{4,2}bit_rowwise_offsets on the memory-mapped
+   rows for int4/int2 and their searches, "fbgemm-tbe" = fbgemm's TBE for fp32 / fp16 / int8,
+   "codebook-bag" for PQ / codebooks; the "fp32" artifact is the same fp32 tables in fbgemm's
+   TBE; the "int4/tbe" row is the int4 artifact loaded with kernel="tbe", the same bytes in the
+   TBE, for comparison; --no-tbe-row drops it): predictions per second and
    p50 / p99 latency at batch 1, 64 and 512, for the embedding lookups alone and for the whole
    prediction, and the resident memory each model adds (RSS delta after loading it and one
    warm-up pass). Models are loaded one after the other, then timed in interleaved rounds, so
@@ -260,6 +264,21 @@ def load_models(
         if fmt == "int4":  # what the Predictor's input validation adds at b512
             models.append(Served(PREDICT_ROW, kernel, lambda b, p=predictor: p.predict(b.dense, b.kjt),
                                  lambda b, p=predictor: p.predict(b.dense, b.kjt), meta["table_bytes"]))  # fmt: skip
+    if "int4" in args.formats and args.tbe_row:
+        # the same int4 bytes in fbgemm's TBE: what the "aten-nbit" kernel is compared with
+        from embq.runtime import load_inference_model
+
+        release_memory()
+        before = rss_bytes()
+        tbe_model = load_inference_model(workdir / "int4.embq", kernel="tbe")
+        core, meta = tbe_model.core, tbe_model.metadata
+        kernel = "+".join(sorted({t["kernel"] for t in meta["tables"]}))
+        add(Served("int4/tbe", kernel, lambda b, core=core: core.embeddings(b.values, b.offsets),
+                   lambda b, core=core: torch.sigmoid(core(b.dense, b.values, b.offsets)),
+                   meta["table_bytes"]), before)  # fmt: skip
+        with torch.inference_mode():
+            got = torch.sigmoid(core(probe.dense, probe.values, probe.offsets)).numpy()
+        checks["int4/tbe"] = float(np.abs(got - reference).max())
     return models, checks
 
 
@@ -422,9 +441,11 @@ def print_table(results: list[dict], http: dict, args: argparse.Namespace) -> No
           f"{N_DENSE} dense inputs")  # fmt: skip
     print(
         f"ids {args.ids} over each table, {args.pooling} ids per bag ({N_TABLES * args.pooling} "
-        f"lookups per row), torch threads {args.threads}, {args.seconds:g}s per measurement in "
+        f"lookups per row), torch threads {args.threads} (OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), {args.seconds:g}s per measurement in "
         f"{args.rounds} interleaved rounds; 'vs fp32' is against fp32-torchrec; model = lookups + "
-        "MLPs + sigmoid; p50/p99 are of the whole model; RSS after loading and one warm-up\n"
+        "MLPs + interaction + sigmoid; p50/p99 are of the whole model; RSS after loading and one "
+        "warm-up\n"
     )
     head = (f"{'format':<15}{'kernel':<14}{'table MiB':>10}{'vs fp32':>8}{'RSS MiB':>9}{'batch':>7}"
             f"{'lookup rows/s':>15}{'vs fp32':>8}{'model rows/s':>14}{'vs fp32':>8}{'p50 ms':>9}{'p99 ms':>9}")  # fmt: skip
@@ -441,6 +462,9 @@ def print_table(results: list[dict], http: dict, args: argparse.Namespace) -> No
                   f"{m['lookup']['rows_per_s'] / base['lookup']['rows_per_s']:>8.2f}"
                   f"{m['model']['rows_per_s']:>14,.0f}{m['model']['rows_per_s'] / base['model']['rows_per_s']:>8.2f}"
                   f"{m['model']['p50_ms']:>9.3f}{m['model']['p99_ms']:>9.3f}")  # fmt: skip
+    if http is None:
+        print("\nHTTP load test skipped (--no-http)")
+        return
     print(f"\nHTTP (embq-serve, int4, loopback): {http['requests']} requests of {http['rows_per_request']} "
           f"rows from {http['clients']} clients: {http['requests_per_s']:.0f} req/s, p50 "
           f"{http['p50_ms']:.1f} ms, p99 {http['p99_ms']:.1f} ms, errors {http['errors']}, "
@@ -491,6 +515,14 @@ def main() -> None:
         default=str(REPO / "runs" / "bench_serving"),
         help="artifacts are built here once per table size and reused",
     )
+    parser.add_argument(
+        "--no-tbe-row",
+        dest="tbe_row",
+        action="store_false",
+        help="skip the int4/tbe row (the int4 artifact in fbgemm's TBE instead of ATen's op)",
+    )
+    parser.add_argument("--no-http", dest="http", action="store_false",
+                        help="skip the HTTP load test")  # fmt: skip
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.rows = args.rows or (200_000 if args.quick else 1_000_000)
@@ -514,8 +546,8 @@ def main() -> None:
                     "--formats", ",".join(formats_to_build), "--workdir", args.workdir], check=True)  # fmt: skip
     print("[2/3] timing lookups and predictions in this process", flush=True)
     results, checks = run_models(args, workdir)
-    print("[3/3] HTTP load test", flush=True)
-    http = http_load_test(workdir / "int4.embq", args)
+    print("[3/3] HTTP load test" if args.http else "[3/3] HTTP load test skipped", flush=True)
+    http = http_load_test(workdir / "int4.embq", args) if args.http else None
     by = {r["format"]: r for r in results}
     predict_call = by.pop(PREDICT_ROW)["batches"][512]["model"]
     results = [r for r in results if r["format"] != PREDICT_ROW]
@@ -533,11 +565,23 @@ def main() -> None:
             round(int4["batches"][512]["lookup"]["rows_per_s"] / base["batches"][512]["lookup"]["rows_per_s"], 3),
         "int4_vs_fp32_model_throughput_b512":
             round(int4["batches"][512]["model"]["rows_per_s"] / base["batches"][512]["model"]["rows_per_s"], 3),
+        "int4_kernel": int4["kernel"],
+        **({"int4_aten_vs_tbe_lookup_throughput_b512":
+            round(int4["batches"][512]["lookup"]["rows_per_s"] / by["int4/tbe"]["batches"][512]["lookup"]["rows_per_s"], 3)}
+           if "int4/tbe" in by else {}),
+        # ms per batch of 512 at the measured (mean) rates: lookups, whole model, and the rest (MLPs,
+        # interaction, sigmoid, input handling) = model - lookup
+        "b512_ms_per_batch": {name: {
+            "lookup": round(512e3 / by[name]["batches"][512]["lookup"]["rows_per_s"], 3),
+            "model": round(512e3 / by[name]["batches"][512]["model"]["rows_per_s"], 3),
+            "rest": round(512e3 / by[name]["batches"][512]["model"]["rows_per_s"]
+                          - 512e3 / by[name]["batches"][512]["lookup"]["rows_per_s"], 3),
+        } for name in ("fp32-torchrec", "int4", "int4/tbe") if name in by},
         "int4_vs_fp32_table_bytes": round(int4["table_bytes"] / base["table_bytes"], 4),
         "int4_vs_fp32_rss": round(int4["rss_mb"] / base["rss_mb"], 4),
-        "http_requests": http["requests"], "http_errors": http["errors"],
-        "http_p99_ms": round(http["p99_ms"], 2), "http_requests_per_s": round(http["requests_per_s"], 1),
-        "http_server_exit_code": http["server_exit_code"],
+        **({"http_requests": http["requests"], "http_errors": http["errors"],
+            "http_p99_ms": round(http["p99_ms"], 2), "http_requests_per_s": round(http["requests_per_s"], 1),
+            "http_server_exit_code": http["server_exit_code"]} if http else {"http": None}),
         "int4_predictor_b512_rows_per_s": round(predict_call["rows_per_s"]),
         "max_abs_prob_diff_vs_fp32": {k: round(v, 6) for k, v in checks.items()},
         "formats": {r["format"]: {

@@ -1,5 +1,5 @@
-"""The runtime: fbgemm TBE / codebook-bag lookups against a float64 reference, artifacts written
-by `embq quantize` served by `load_inference_model`, and the TorchScript export.
+"""The runtime: ATen n-bit / fbgemm TBE / codebook-bag lookups against a float64 reference,
+artifacts written by `embq quantize` served by `load_inference_model`, and the TorchScript export.
 
 Tolerances are those of test_torchrec (float32 accumulation of exactly decoded rows).
 """
@@ -56,6 +56,9 @@ def _split(pooled: torch.Tensor, tables) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- kernels
 
 
+NBIT_FORMATS = ["int4", "int4-greedy", "int4-opt", "int2", "int2-greedy", "int2-opt"]
+
+
 @pytest.mark.parametrize("name,dims", _format_dims(), ids=[n for n, _ in _format_dims()])
 def test_runtime_bags_pool_like_float64_reference(name: str, dims: list[int]):
     from embq.runtime import build_embedding_bags
@@ -68,6 +71,195 @@ def test_runtime_bags_pool_like_float64_reference(name: str, dims: list[int]):
     _assert_pooled(_split(bags(kjt.values(), kjt.offsets()), tables), _reference(tables, kjt))
 
 
+@pytest.mark.parametrize("pooling", ["SUM", "MEAN"])
+@pytest.mark.parametrize("name", NBIT_FORMATS)
+def test_nbit_kernels_pool_like_float64_reference(name: str, pooling: str):
+    """4-bit / 2-bit tables at dims 16, 32, 64: ATen's n-bit ops ("auto", the default) and the
+    TBE ("tbe") both pool like the float64 reference, agree with each other, and script."""
+    from embq.runtime import RowwiseNBitBagCollection, build_embedding_bags
+    from embq.torchrec import find_tables, quantize_tables
+
+    dims = [16, 32, 64]
+    tables = quantize_tables(find_tables(_ebc(dims, [pooling] * 3, seed=11)), name)
+    kjt = _bags([f"f{i}" for i in range(3)], seed=12, batch=40)
+    want = _reference(tables, kjt)
+    values, offsets = kjt.values(), kjt.offsets()
+    aten = build_embedding_bags(tables)
+    tbe = build_embedding_bags(tables, kernel="tbe")
+    assert [type(g.kernel) for g in aten.groups] == [RowwiseNBitBagCollection]
+    assert [type(g.kernel).__name__ for g in tbe.groups] == [
+        "IntNBitTableBatchedEmbeddingBagsCodegen"
+    ]
+    got = aten(values, offsets)
+    assert got.dtype == torch.float32 and got.shape == (40, sum(dims))
+    _assert_pooled(_split(got, tables), want)
+    _assert_pooled(_split(tbe(values, offsets), tables), want)
+    torch.testing.assert_close(got, tbe(values, offsets), atol=1e-6, rtol=1e-6)
+    scripted = torch.jit.script(aten)
+    torch.testing.assert_close(scripted(values, offsets), got, atol=0, rtol=0)
+
+
+def test_nbit_kernel_multi_feature_tables_mixed_with_other_kernels():
+    """A 4-bit table serving two features, a 2-bit MEAN table and TBE / codebook tables
+    interleaved: the n-bit kernel reads its features' bags out of the whole input in place and
+    the columns come back in feature order."""
+    from embq.runtime import RowwiseNBitBagCollection, build_embedding_bags
+    from embq.torchrec import QuantizedTable, find_tables, quantize_tables
+
+    ebc = _ebc([32, 16, 64, 16, 32], ["SUM", "MEAN", "MEAN", "SUM", "SUM"], seed=13)
+    plan = {"t_f0": "int8", "t_f1": "int4-opt", "t_f2": "int2", "t_f3": "cb4-row", "t_f4": "int4"}
+    tables = quantize_tables(find_tables(ebc), plan)
+    shared = tables[4]  # t_f4 serves f4 and f5
+    tables[4] = QuantizedTable(
+        name=shared.name, rows=shared.rows, dim=shared.dim, feature_names=["f4", "f5"],
+        pooling=shared.pooling, format=shared.format, codes=shared.codes, params=shared.params,
+        stats=shared.stats,
+    )  # fmt: skip
+    bags = build_embedding_bags(tables)
+    assert isinstance(bags.groups[0].kernel, RowwiseNBitBagCollection)
+    assert [t.name for t in bags.groups[0].kernel.tables] == ["t_f1", "t_f2", "t_f4"]
+    kjt = _bags([f"f{i}" for i in range(6)], seed=14)
+    got = bags(kjt.values(), kjt.offsets())
+    _assert_pooled(_split(got, tables), _reference(tables, kjt))
+    torch.testing.assert_close(
+        torch.jit.script(bags)(kjt.values(), kjt.offsets()), got, atol=0, rtol=0
+    )
+
+
+@pytest.mark.parametrize("vector_check_ids", [0, 1 << 20], ids=["per-table", "vectorized"])
+def test_nbit_kernel_range_check_with_tables_of_different_sizes(vector_check_ids: int):
+    """Tables of 300, 120 and 40 rows (a TBE table in between): ids below the smallest table
+    take the one-min/max path; others are checked per id or per table, both exactly."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from embq.runtime import build_embedding_bags
+    from embq.torchrec import find_tables, quantize_tables
+
+    plan = {"t_f0": "int4", "t_f1": "int8", "t_f2": "int2", "t_f3": "int4-greedy"}
+    tables = quantize_tables(find_tables(_ebc([16, 16, 32, 16], seed=17)), plan)
+    for t, rows in zip(tables, [300, 300, 120, 40]):
+        t.codes, t.rows = t.codes[:rows], rows  # the first rows: a smaller table
+    bags = build_embedding_bags(tables)
+    bags.groups[0].kernel.vector_check_ids = vector_check_ids
+    scripted = torch.jit.script(bags)
+    rng = np.random.default_rng(18)
+    batch = 64
+    lengths = rng.integers(0, 4, size=4 * batch)
+    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
+    limits = np.repeat([300, 300, 120, 40], batch)
+    values = torch.from_numpy(
+        np.concatenate([rng.integers(0, limits[i], lengths[i]) for i in range(4 * batch)])
+    )
+    keys = [f"f{i}" for i in range(4)]
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=torch.from_numpy(lengths))
+    got = bags(values, offsets)
+    _assert_pooled(_split(got, tables), _reference(tables, kjt))
+    torch.testing.assert_close(scripted(values, offsets), got, atol=0, rtol=0)
+    f3 = int(offsets[3 * batch])  # feature f3's first id: table of 40 rows
+    f1 = int(offsets[1 * batch])  # feature f1's first id: int8, TBE, 300 rows
+    for position, value, what in (
+        (f3, 40, "id 40 of feature 'f3'.*40 rows"),
+        (f3, 299, "id 299 of feature 'f3'.*40 rows"),
+        (0, 300, "id 300 of feature 'f0'.*300 rows"),
+        (f1, -2, r"id -2 \(position"),
+    ):
+        bad = values.clone()
+        bad[position] = value
+        with pytest.raises(DataError, match=what):
+            bags(bad, offsets)
+        with pytest.raises(torch.jit.Error, match="DataError: " + what):
+            scripted(bad, offsets)
+    ok = values.clone()
+    ok[f1] = 299  # in range for f1's own (TBE) table, above the n-bit tables' smallest
+    torch.testing.assert_close(scripted(ok, offsets), bags(ok, offsets), atol=0, rtol=0)
+
+
+def test_nbit_kernel_spreads_tables_over_threads_with_the_same_result():
+    from embq.runtime import build_embedding_bags
+    from embq.torchrec import find_tables, quantize_tables
+
+    dims = [16, 32, 64, 16, 32]
+    ebc = _ebc(dims, ["SUM", "MEAN", "SUM", "MEAN", "SUM"], seed=19)
+    tables = quantize_tables(find_tables(ebc), {"*": "int4", "t_f1": "int2", "t_f3": "int8"})
+    bags = build_embedding_bags(tables)
+    kernel = bags.groups[0].kernel
+    assert kernel._cuts([0, 10, 20, 30, 40, 50], 2) == [0, 2, 4]  # 4 n-bit tables, 10 ids each
+    assert kernel._cuts([0, 10, 20, 30, 40, 50], 8) == [0, 1, 2, 3, 4]
+    kjt = _bags([f"f{i}" for i in range(5)], seed=20, batch=64)
+    values, offsets = kjt.values(), kjt.offsets()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = bags(values, offsets)
+        kernel.parallel_min_ids = 0  # fork whatever the batch (the eager copy is re-scripted)
+        assert kernel._scripted is None
+        scripted = torch.jit.script(bags)
+        scripted.groups[0].kernel.threads = 3
+        torch.set_num_threads(3)
+        three = bags(values, offsets)
+        assert kernel._scripted.parallel_min_ids == 0
+        bad = values.clone()
+        bad[int(offsets[4 * 64]) + 1] = 300  # f4's second id: checked in the last task
+        with pytest.raises(DataError, match="id 300 of feature 'f4'"):
+            bags(bad, offsets)
+        # resumed after waiting for a forked task, TorchScript raises a plain RuntimeError
+        with pytest.raises((torch.jit.Error, RuntimeError), match="DataError: id 300 .*'f4'"):
+            scripted(bad, offsets)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(three, one, atol=0, rtol=0)
+    torch.testing.assert_close(scripted(values, offsets), one, atol=0, rtol=0)
+    _assert_pooled(_split(one, tables), _reference(tables, kjt))
+
+
+def test_nbit_kernel_eager_calls_leave_the_module_as_it_was():
+    """Eager calls run a scripted copy of the kernel; it stays out of the module's state, and
+    the module still copies, pickles, scripts and takes int32 / strided / empty inputs."""
+    import copy
+    import io
+
+    from embq.runtime import build_embedding_bags
+    from embq.torchrec import find_tables, quantize_tables
+
+    tables = quantize_tables(find_tables(_ebc([16, 32], ["SUM", "MEAN"], seed=15)), "int2-opt")
+    bags = build_embedding_bags(tables)
+    keys = list(bags.state_dict())
+    kjt = _bags(["f0", "f1"], seed=16)
+    values, offsets = kjt.values(), kjt.offsets()
+    out = bags(values, offsets)
+    assert list(bags.state_dict()) == keys == ["groups.0.kernel.tables.0.weight",
+                                               "groups.0.kernel.tables.1.weight"]  # fmt: skip
+    torch.testing.assert_close(copy.deepcopy(bags)(values, offsets), out, atol=0, rtol=0)
+    buffer = io.BytesIO()
+    torch.save(bags, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(values, offsets), out, atol=0, rtol=0)
+    torch.testing.assert_close(torch.jit.script(bags)(values, offsets), out, atol=0, rtol=0)
+    strided = torch.stack([values, values], dim=1)[:, 0]
+    torch.testing.assert_close(bags(strided, offsets), out, atol=0, rtol=0)
+    torch.testing.assert_close(bags(values.int(), offsets.int()), out, atol=0, rtol=0)
+    assert bags(torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)).shape == (
+        0,
+        48,
+    )
+
+
+def test_nbit_kernel_uses_the_memory_mapped_rows(quantized):
+    """The artifact's 4-bit rows are used where they are mapped: no copy."""
+    from embq.artifact import load_artifact
+    from embq.runtime import RowwiseNBitBagCollection, artifact_tables, build_embedding_bags
+
+    artifact, *_ = quantized
+    tables = artifact_tables(load_artifact(artifact))
+    bags = build_embedding_bags(tables)
+    (nbit,) = [g.kernel for g in bags.groups if isinstance(g.kernel, RowwiseNBitBagCollection)]
+    (table,) = nbit.tables
+    (codes,) = [t.codes for t in tables if t.name == table.name]
+    assert isinstance(codes, np.memmap) and table.weight.data_ptr() == codes.ctypes.data
+    assert table.weight.shape == codes.shape
+
+
 def test_mixed_kernels_interleaved_features_and_tables_stay_compressed():
     """SUM-TBE, MEAN-TBE and codebook tables interleaved: each kernel gets its features' bags,
     the output columns come back in feature order, and only compressed bytes are held."""
@@ -78,19 +270,31 @@ def test_mixed_kernels_interleaved_features_and_tables_stay_compressed():
     ebc = _ebc(dims, ["SUM", "MEAN", "SUM", "MEAN", "SUM"], seed=3)
     plan = {"t_f0": "cb4-shared", "t_f1": "int4", "t_f2": "int8", "t_f3": "pq8x8", "t_f4": "fp16"}
     tables = quantize_tables(find_tables(ebc), plan)
-    bags = build_embedding_bags(tables)
-    assert [type(g.kernel).__name__ for g in bags.groups] == [
-        "IntNBitTableBatchedEmbeddingBagsCodegen",
-        "IntNBitTableBatchedEmbeddingBagsCodegen",
-        "CodebookBagCollection",
-    ]
+    kernels = {
+        "tbe": ["fbgemm-tbe", "fbgemm-tbe", "codebook-bag"],  # SUM, MEAN, codebook
+        "auto": ["aten-nbit", "fbgemm-tbe", "codebook-bag"],  # int4 (MEAN), SUM, codebook
+    }
+    classes = {
+        "aten-nbit": "RowwiseNBitBagCollection",
+        "fbgemm-tbe": "IntNBitTableBatchedEmbeddingBagsCodegen",
+        "codebook-bag": "CodebookBagCollection",
+    }
     kjt = _bags([f"f{i}" for i in range(len(dims))], seed=6)
-    _assert_pooled(_split(bags(kjt.values(), kjt.offsets()), tables), _reference(tables, kjt))
-    held = sum(g.kernel.weights_host.numel() for g in bags.groups[:2])
-    held += sum(b.codes.numel() + 4 * b.codebook.numel() for b in bags.groups[2].kernel.bags)
-    encoded = sum(t.stats["bytes"] for t in tables)
-    assert held < encoded + 128 * len(tables)  # cacheline alignment only, no float copies
-    assert encoded < 0.5 * sum(t.stats["fp32_bytes"] for t in tables)
+    for kernel, expected in kernels.items():
+        bags = build_embedding_bags(tables, kernel=kernel)
+        assert [type(g.kernel).__name__ for g in bags.groups] == [classes[k] for k in expected]
+        _assert_pooled(_split(bags(kjt.values(), kjt.offsets()), tables), _reference(tables, kjt))
+        held = 0
+        for g, k in zip(bags.groups, expected):
+            if k == "fbgemm-tbe":
+                held += g.kernel.weights_host.numel()
+            elif k == "aten-nbit":
+                held += sum(t.weight.numel() for t in g.kernel.tables)
+            else:
+                held += sum(b.codes.numel() + 4 * b.codebook.numel() for b in g.kernel.bags)
+        encoded = sum(t.stats["bytes"] for t in tables)
+        assert held < encoded + 128 * len(tables)  # cacheline alignment only, no float copies
+        assert encoded < 0.5 * sum(t.stats["fp32_bytes"] for t in tables)
 
 
 def test_codebook_bags_script_and_decode_like_the_formats():
@@ -118,10 +322,35 @@ def test_out_of_range_ids_raise():
     from embq.runtime import build_embedding_bags
     from embq.torchrec import find_tables, quantize_tables
 
-    for fmt in ("int4", "cb4-row"):
-        bags = build_embedding_bags(quantize_tables(find_tables(_ebc([16])), fmt))
+    for fmt, kernel in (("int4", "tbe"), ("cb4-row", "auto")):
+        tables = quantize_tables(find_tables(_ebc([16])), fmt)
+        bags = build_embedding_bags(tables, kernel=kernel)
         with pytest.raises(RuntimeError):
             bags(torch.tensor([0, 300]), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("name", ["int4", "int2-greedy"])
+def test_nbit_kernel_refuses_out_of_range_ids_before_the_op(name: str):
+    """ATen's n-bit ops need ids in range: the kernel checks every table's min / max first and
+    raises DataError naming the feature (eager) or a torch.jit.Error carrying it (TorchScript)."""
+    from embq.runtime import build_embedding_bags
+    from embq.torchrec import find_tables, quantize_tables
+
+    tables = quantize_tables(find_tables(_ebc([16, 32], ["SUM", "MEAN"])), name)
+    bags = build_embedding_bags(tables)
+    scripted = torch.jit.script(bags)
+    offsets = torch.tensor([0, 2, 2, 3, 5])  # B = 2; f0: [a, b], []; f1: [c], [d, e]
+    ok = torch.tensor([0, 299, 5, 6, 7])
+    torch.testing.assert_close(scripted(ok, offsets), bags(ok, offsets), atol=0, rtol=0)
+    for values, what in (
+        ([0, 300, 5, 6, 7], "id 300 of feature 'f0'"),
+        ([0, 1, 5, -1, 7], "id -1 of feature 'f1'"),
+        ([0, 1, 5, 6, 1 << 40], f"id {1 << 40} of feature 'f1'"),
+    ):
+        with pytest.raises(DataError, match=what + ".*300 rows"):
+            bags(torch.tensor(values), offsets)
+        with pytest.raises(torch.jit.Error, match="DataError: " + what):
+            scripted(torch.tensor(values), offsets)
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -229,10 +458,14 @@ def test_inference_metadata(quantized):
     kernels = {t["name"]: t["kernel"] for t in meta["tables"]}
     assert kernels == {
         "t_c0": "codebook-bag",
-        "t_c1": "fbgemm-tbe",
+        "t_c1": "aten-nbit",
         "t_c2": "codebook-bag",
         "t_c3": "fbgemm-tbe",
     }
+    tbe = {t["name"]: t["kernel"] for t in inference_metadata(artifact, "tbe")["tables"]}
+    assert tbe == {**kernels, "t_c1": "fbgemm-tbe"}
+    with pytest.raises(ConfigError, match="kernel must be one of"):
+        inference_metadata(artifact, "fast")
     assert meta["formats"] == {"pq8x8": 1, "int4-greedy": 1, "cb4-shared": 1, "int8": 1}
     assert meta["table_bytes"] < meta["fp32_bytes"] and meta["dense"]["kind"] == "fp32"
     json.dumps(meta)
@@ -257,6 +490,32 @@ def test_inputs_are_checked(quantized):
         model(torch.zeros(2, 4), ids_to_kjt(ids, ["c0", "c1", "c2", "c3"]))
     with pytest.raises(DataError, match="B=3"):
         model(torch.zeros(3, 5), ids_to_kjt(ids, ["c0", "c1", "c2", "c3"]))
+    # c1 (int4-greedy) is served by ATen's 4-bit op, which the eager model's KJT check guards
+    with pytest.raises(DataError, match="feature 'c1'.*300 rows"):
+        model(dense, ids_to_kjt(np.array([[1, 300, 3, 4], [5, 6, 7, 8]]), ["c0", "c1", "c2", "c3"]))
+    # ... and so does the core's own check, for callers of the plain-tensor core (Predictor)
+    kjt = ids_to_kjt(np.array([[1, 2, 3, 4], [5, -3, 7, 8]]), ["c0", "c1", "c2", "c3"])
+    with pytest.raises(DataError, match="id -3 of feature 'c1'.*300 rows"):
+        model.core(dense, kjt.values(), kjt.offsets())
+
+
+def test_kernel_choices_predict_alike(quantized):
+    from embq.data.prepared import PreparedData
+    from embq.runtime import load_inference_model
+
+    artifact, _, _, data_dir = quantized
+    auto = load_inference_model(artifact, verify=False)
+    tbe = load_inference_model(artifact, verify=False, kernel="tbe")
+    assert {t["kernel"] for t in auto.metadata["tables"]} == {
+        "aten-nbit", "fbgemm-tbe", "codebook-bag"
+    }  # fmt: skip
+    assert {t["kernel"] for t in tbe.metadata["tables"]} == {"fbgemm-tbe", "codebook-bag"}
+    batch = next(PreparedData(data_dir).batches(0, 256, 256))
+    torch.testing.assert_close(
+        auto(batch.dense, batch.sparse), tbe(batch.dense, batch.sparse), atol=1e-6, rtol=1e-6
+    )
+    with pytest.raises(ConfigError, match="kernel must be one of"):
+        load_inference_model(artifact, kernel="aten")
 
 
 def _halved_towers(config, tensors, meta):
@@ -286,7 +545,7 @@ def test_dense_kinds_dispatch_in_one_table(trained, tmp_path, monkeypatch):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["dense"]["meta"]["kind"] = "int8-brecq-v9"
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="kind 'int8-brecq-v9'.*known kinds: \\['fp32'"):
+    with pytest.raises(ArtifactError, match="kind 'int8-brecq-v9'.*known kinds: \\['embq-dense-ptq', 'fp32'"):
         load_inference_model(path, verify=False)
     # a kind registered by "module:function" is imported when first needed
     monkeypatch.setitem(DENSE_LOADERS, "int8-brecq-v9", "tests.test_runtime:_halved_towers")
@@ -363,3 +622,9 @@ def test_torchscript_export_round_trip(quantized, tmp_path):
     )
     got = load_file(str(tmp_path / "out.safetensors"))["logits"]
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # out-of-range ids of c1 (int4-greedy: ATen's 4-bit op) are refused by the module itself
+    bad = values.clone().long()
+    c1 = slice(int(offsets[300]), int(offsets[600]))  # feature 1's ids (B = 300)
+    bad[c1.start + 3] = 300
+    with pytest.raises(torch.jit.Error, match="DataError: id 300 of feature 'c1'.*300 rows"):
+        scripted(batch.dense, bad, offsets)
