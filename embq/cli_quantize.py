@@ -3,6 +3,8 @@
 Examples:
     embq quantize --model runs/demo/model --plan int4-greedy --output runs/demo/int4g.embq
     embq quantize --model runs/demo/model --plan plan.json --output runs/demo/mixed.embq
+    embq quantize --model runs/demo/model --plan int4-greedy --dense brecq:w4a8 \
+        --data runs/demo/prepared --output runs/demo/int4g-brecq.embq
 
 A plan is a format name for every table, or a JSON file holding {table: format} (a "*" entry is
 the default for the tables it does not name), or {"tables": {table: format}}.
@@ -46,9 +48,11 @@ def load_plan(text: str) -> str | dict[str, str]:
     return plan
 
 
-def write_artifact(output: str | os.PathLike, tables: list, config, dense: dict) -> Path:
-    """Write encoded tables (`embq.torchrec.QuantizedTable`), fp32 dense tensors and the DLRM
-    config (`embq.model.DLRMConfig`) as an artifact, atomically. Returns its path."""
+def write_artifact(output: str | os.PathLike, tables: list, config, dense: dict,
+                   dense_meta: dict | None = None) -> Path:
+    """Write encoded tables (`embq.torchrec.QuantizedTable`), the dense tensors (fp32 state dict
+    unless `dense_meta` names another kind) and the DLRM config (`embq.model.DLRMConfig`) as an
+    artifact, atomically. Returns its path."""
     from embq.artifact import ArtifactWriter
 
     with ArtifactWriter(output) as writer:
@@ -62,7 +66,7 @@ def write_artifact(output: str | os.PathLike, tables: list, config, dense: dict)
                 feature_names=t.feature_names,
                 stats=t.stats,
             )
-        writer.add_dense(dense, meta={"kind": DENSE_KIND_FP32})
+        writer.add_dense(dense, meta=dense_meta or {"kind": DENSE_KIND_FP32})
         writer.set_model(
             {
                 "type": "dlrm",
@@ -80,8 +84,13 @@ def quantize_model_dir(
     *,
     sample_rows: int | None = None,
     seed: int = 0,
+    dense: str | None = None,
+    data_dir: str | os.PathLike | None = None,
 ) -> tuple[Path, list]:
     """Load a saved DLRM, encode its tables as `plan` says, write the artifact.
+
+    `dense` ("METHOD:wXaY", e.g. "brecq:w4a8") also quantizes the MLP towers with embq.dense,
+    calibrated on the training rows of the prepared dataset `data_dir`.
 
     Returns:
         (artifact path, the encoded tables with their stats).
@@ -98,14 +107,45 @@ def quantize_model_dir(
         seed=seed,
         sample_rows=DEFAULT_SAMPLE_ROWS if sample_rows is None else sample_rows,
     )
-    return write_artifact(output, tables, config, dense_state_dict(model)), tables
+    if dense is None:
+        return write_artifact(output, tables, config, dense_state_dict(model)), tables
+    tensors, meta = quantize_dense_section(model, dense, data_dir, seed)
+    return write_artifact(output, tables, config, tensors, meta), tables
+
+
+def parse_dense_spec(spec: str) -> tuple[str, int, int]:
+    """"brecq:w4a8" -> ("brecq", 4, 8)."""
+    import re
+
+    match = re.fullmatch(r"([a-z]+):w(\d+)a(\d+)", spec.strip().lower())
+    if not match:
+        raise ConfigError(f"--dense must look like METHOD:wXaY (e.g. brecq:w4a8), got {spec!r}")
+    return match.group(1), int(match.group(2)), int(match.group(3))
+
+
+def quantize_dense_section(model, spec: str, data_dir, seed: int) -> tuple[dict, dict]:
+    """The artifact's dense section for towers quantized by `embq.dense` as `spec` says."""
+    from embq.data.prepared import PreparedData
+    from embq.dense import quantize
+    from embq.dense.runtime_towers import dense_section
+
+    if data_dir is None:
+        raise ConfigError("quantizing the dense towers needs calibration data: give --data DIR")
+    method, w_bits, a_bits = parse_dense_spec(spec)
+    data = PreparedData(data_dir)
+    (start, stop), _ = data.split(0.1)
+    towers = quantize(model, method=method, w_bits=w_bits, a_bits=a_bits,
+                      calib=data.batches(start, stop, batch_size=1024, shuffle=True, seed=seed),
+                      seed=seed)
+    return dense_section(towers)
 
 
 def run(args: argparse.Namespace) -> None:
     """Handler: quantize, then print one JSON line summarising the artifact."""
     start = time.perf_counter()
     out, tables = quantize_model_dir(
-        args.model, load_plan(args.plan), args.output, sample_rows=args.sample_rows, seed=args.seed
+        args.model, load_plan(args.plan), args.output, sample_rows=args.sample_rows, seed=args.seed,
+        dense=args.dense, data_dir=args.data,
     )
     nbytes = sum(t.stats["bytes"] for t in tables)
     fp32 = sum(t.stats["fp32_bytes"] for t in tables)
@@ -149,4 +189,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="rows sampled per table to fit codebook formats (default 65536)",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--dense", help="also quantize the MLP towers: METHOD:wXaY, e.g. brecq:w4a8 "
+                        "(methods: rtn, lapq, brecq, multipoint, sparq)")
+    parser.add_argument("--data", help="prepared dataset for dense calibration (with --dense)")
     parser.set_defaults(func=run)
