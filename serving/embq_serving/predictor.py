@@ -367,6 +367,8 @@ class BasePredictor:
         import torch
 
         x = dense_batch(dense, self.input_spec)
+        if not x.flags.writeable:  # e.g. a slice of a memory-mapped dataset: torch wants to own it
+            x = x.copy()
         values, lengths = sparse_batch(sparse, self.input_spec, x.shape[0])
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
