@@ -18,7 +18,6 @@ import os
 import sys
 import time
 
-from embq.errors import EmbqError
 from embq.stream import DEFAULT_CHUNK_ROWS, DEFAULT_SAMPLE_ROWS
 
 
@@ -79,21 +78,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-add_quantize_table_parser = add_parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m embq.stream` (same options as `embq quantize-table`)."""
-    parser = argparse.ArgumentParser(prog="python -m embq.stream", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except EmbqError as exc:
-        print(f"embq: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    """Entry point of `python -m embq.stream`: exactly `embq quantize-table ARGS`."""
+    from embq.cli import main as cli_main
+
+    return cli_main(["quantize-table", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
