@@ -13,8 +13,9 @@ import torch
 from safetensors import safe_open
 
 from embq.artifact import ArtifactWriter, load_artifact, read_safetensors_header, sha256_file
-from embq.errors import ArtifactError, EmbqError
-from embq.formats import TableFormat, format_names, get_format
+from embq.errors import ArtifactError
+from embq.formats import get_format
+from tests.helpers import codebook_format
 
 ROWS, DIM = 300, 16
 
@@ -24,16 +25,7 @@ def _table(seed: int = 0) -> np.ndarray:
 
 
 def _codebook_format() -> str | None:
-    """A format with table-level params (it overrides TableFormat.fit), if embq has one."""
-    for name in format_names():
-        fmt = get_format(name)
-        try:
-            fmt.check_dim(DIM)
-        except EmbqError:
-            continue
-        if type(fmt).fit is not TableFormat.fit:
-            return name
-    return None
+    return codebook_format(DIM)
 
 
 def _write(path: Path, *, with_dense: bool = True) -> dict:

@@ -19,9 +19,10 @@ from safetensors.torch import save_file as save_torch
 from embq.artifact import load_artifact
 from embq.cli_table import main as cli_main
 from embq.errors import ArtifactError, DataError, EmbqError, FormatError
-from embq.formats import TableFormat, format_names, get_format
+from embq.formats import get_format
 from embq.sources import open_table
 from embq.stream import quantize_table, row_range, staging_path
+from tests.helpers import codebook_format
 
 ROWS, DIM, CHUNK = 1000, 16, 64  # 1000 is not a multiple of 64: the last chunk is short
 REPO = Path(__file__).resolve().parents[1]
@@ -34,16 +35,7 @@ def _table(rows: int = ROWS, seed: int = 0) -> np.ndarray:
 
 
 def _codebook_format() -> str | None:
-    """A format with table-level params (it overrides TableFormat.fit), if embq has one."""
-    for name in format_names():
-        fmt = get_format(name)
-        try:
-            fmt.check_dim(DIM)
-        except EmbqError:
-            continue
-        if type(fmt).fit is not TableFormat.fit:
-            return name
-    return None
+    return codebook_format(DIM)
 
 
 def _formats() -> list[str]:

@@ -1,0 +1,18 @@
+"""Small helpers shared by several test files."""
+
+from embq.errors import EmbqError
+from embq.formats import TableFormat, format_names, get_format
+
+
+def codebook_format(dim: int) -> str | None:
+    """A format with table-level params (it overrides TableFormat.fit) that stores rows of
+    `dim`, if embq has one."""
+    for name in format_names():
+        fmt = get_format(name)
+        try:
+            fmt.check_dim(dim)
+        except EmbqError:
+            continue
+        if type(fmt).fit is not TableFormat.fit:
+            return name
+    return None
