@@ -1,21 +1,26 @@
-"""Artifact -> inference modules: ATen / fbgemm kernels for row-wise tables, codebook bags else.
+"""Artifact -> inference modules: fbgemm kernels for row-wise tables, codebook bags else.
 
 `load_inference_model(path)` turns an artifact written by `embq quantize` into an eager module,
 `forward(dense float32 [B, n_dense], sparse KeyedJaggedTensor) -> logits float32 [B]`:
 
-- row-wise 4-bit and 2-bit tables (int4, int2 and their greedy / opt searches) are looked up by
-  ATen's `quantized::embedding_bag_{4,2}bit_rowwise_offsets` (`RowwiseNBitBagCollection`,
-  kernel "aten-nbit"), which reads the artifact's fused rows (codes, fp16 scale, fp16 bias) as
-  they are: the rows stay memory-mapped, nothing is copied or re-quantized. One op call per
-  table, tables spread over torch's threads for large batches; in `scripts/bench_serving.py
-  --quick` (26 x 200k x 64, batch 512, 1 thread) it looks rows up ~1.4x faster than the TBE
-  does on the same (unaligned) bytes;
-- the other row-wise tables (fp32, fp16, int8), and every row-wise table when loaded with
-  kernel="tbe", go into fbgemm's `IntNBitTableBatchedEmbeddingBagsCodegen` (kernel
-  "fbgemm-tbe"), one module per pooling mode holding every such table whatever its format (the
-  kernel mixes weight types), CPU / `EmbeddingLocation.HOST`. Their bytes are copied from the
+- row-wise tables (fp32, fp16, int8, int4, int2 and their searches) go into fbgemm's
+  `IntNBitTableBatchedEmbeddingBagsCodegen` (kernel "fbgemm-tbe"), CPU /
+  `EmbeddingLocation.HOST`, one module per pooling mode and row size, holding every such table
+  whatever its format (the kernel mixes weight types). Their bytes are copied from the
   artifact's memory-mapped rows as they are (the TBE keeps qparams first): nothing is
-  re-quantized, and the tables stay compressed in memory;
+  re-quantized and the tables stay compressed in memory. By default (kernel="auto") a row of at
+  most 64 bytes is padded to the next power of two, so that no row straddles two cache lines:
+  with uniform ids over large tables a straddling row costs a second memory access, which is
+  most of a lookup (`scripts/bench_serving.py --quick`: int4 rows of dim 64, 36 bytes, look up
+  ~1.7x faster padded to 64 bytes than unpadded, fbgemm's CPU default). Ids are range-checked
+  by `CheckedTBE` before the TBE reads them;
+- kernel="compact" keeps the memory footprint at the artifact's size instead: 4-bit and 2-bit
+  tables are looked up by ATen's `quantized::embedding_bag_{4,2}bit_rowwise_offsets`
+  (`RowwiseNBitBagCollection`, kernel "aten-nbit"), which reads the artifact's fused rows
+  (codes, fp16 scale, fp16 bias) in place: the rows stay memory-mapped (shared between
+  processes serving the same file), nothing is copied. One op call per table, tables spread
+  over torch's threads for large batches. kernel="tbe" puts every row-wise table in the TBE
+  with unpadded rows;
 - codebook / PQ tables go to `embq.codebook_bag` (their codes stay memory-mapped);
 - the dense towers come from dense.safetensors, built by the loader registered for the dense
   section's meta "kind" (`DENSE_LOADERS`; "fp32" here, quantized towers register their own).
@@ -64,10 +69,15 @@ METADATA_FILE = "embq_metadata.json"  # extra file inside exported TorchScript a
 KERNEL_TBE = "fbgemm-tbe"  # fbgemm IntNBitTableBatchedEmbeddingBagsCodegen
 KERNEL_NBIT = "aten-nbit"  # ATen quantized::embedding_bag_{4,2}bit_rowwise_offsets
 KERNEL_CODEBOOK = "codebook-bag"  # embq.codebook_bag
-# Choices of `load_inference_model(..., kernel=)`: "auto" serves 4-bit and 2-bit row-wise tables
-# with KERNEL_NBIT and the other row-wise tables with the TBE; "tbe" puts every row-wise table in
-# the TBE.
-KERNEL_CHOICES = ("auto", "tbe")
+# Choices of `load_inference_model(..., kernel=)` (see the module docstring):
+#   "auto"    every row-wise table in the TBE, rows of at most a cache line padded to a power of
+#             two (fastest lookups);
+#   "compact" 4-bit / 2-bit row-wise tables on KERNEL_NBIT over the memory-mapped rows (least
+#             memory), the other row-wise tables in the TBE with unpadded rows;
+#   "tbe"     every row-wise table in the TBE with unpadded rows (fbgemm's CPU default).
+KERNEL_CHOICES = ("auto", "compact", "tbe")
+CACHE_LINE = 64  # bytes: x86-64 and most ARM server cores
+TBE_ROW_ALIGNMENT = 1  # fbgemm's default for the CPU TBE: rows unpadded
 
 
 def check_kernel_choice(kernel: str) -> str:
@@ -86,20 +96,50 @@ def table_kernel(format_name: str, kernel: str = "auto") -> str:
     from embq.formats import get_format
 
     fmt = get_format(format_name)
-    if kernel == "auto" and fmt.sparse_type in ("INT4", "INT2") and fmt.bits in (4, 2):
+    if kernel == "compact" and fmt.sparse_type in ("INT4", "INT2") and fmt.bits in (4, 2):
         return KERNEL_NBIT
     return KERNEL_TBE
+
+
+def tbe_row_alignment(row_bytes: int, kernel: str = "auto") -> int:
+    """The TBE `row_alignment` for rows of `row_bytes` (codes + qparams) under `kernel`: with
+    "auto", the smallest power of two holding a row of at most one cache line, so that every
+    row lies inside one line (the TBE's rows start at multiples of their padded size, in a
+    64-byte aligned buffer); otherwise, and for rows longer than a line, fbgemm's CPU default
+    (unpadded rows)."""
+    check_kernel_choice(kernel)
+    if kernel != "auto" or row_bytes > CACHE_LINE:
+        return TBE_ROW_ALIGNMENT
+    alignment = 1
+    while alignment < row_bytes:
+        alignment *= 2
+    return alignment
+
+
+def table_memory_bytes(
+    format_name: str, rows: int, file_bytes: int, bytes_per_row: int, kernel: str = "auto"
+) -> int:
+    """Bytes a loaded table holds in memory: the TBE's padded rows (TBE tables are copied), or
+    the table file's size for kernels that read the memory-mapped file in place."""
+    if table_kernel(format_name, kernel) != KERNEL_TBE:
+        return int(file_bytes)
+    alignment = tbe_row_alignment(bytes_per_row, kernel)
+    return int(rows) * (-(-int(bytes_per_row) // alignment) * alignment)
 
 
 # --------------------------------------------------------------------------- embedding lookups
 
 
-def build_tbe(tables: list[QuantizedTable], pooling: str) -> torch.nn.Module:
+def build_tbe(
+    tables: list[QuantizedTable], pooling: str, row_alignment: int = TBE_ROW_ALIGNMENT
+) -> torch.nn.Module:
     """One fbgemm `IntNBitTableBatchedEmbeddingBagsCodegen` for row-wise tables of any mix of
-    formats, all pooled with `pooling`. forward(indices, offsets) -> float32 [B, sum of dims],
-    features in table order (each table's feature_names in order).
+    formats, all pooled with `pooling`, each row padded to a multiple of `row_alignment` bytes.
+    forward(indices, offsets) -> float32 [B, sum of dims], features in table order (each
+    table's feature_names in order).
 
-    Out-of-range ids raise (BoundsCheckMode.FATAL) instead of silently reading row 0.
+    The module does not check ids (BoundsCheckMode.NONE): wrap it in `CheckedTBE`, whose check
+    costs a fraction of fbgemm's FATAL mode (one min / max over the ids in the common case).
     """
     from fbgemm_gpu.split_embedding_configs import SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
@@ -125,10 +165,69 @@ def build_tbe(tables: list[QuantizedTable], pooling: str) -> torch.nn.Module:
         feature_table_map=feature_table_map,
         pooling_mode=PoolingMode[pooling],
         device=torch.device("cpu"),
-        bounds_check_mode=BoundsCheckMode.FATAL,
+        bounds_check_mode=BoundsCheckMode.NONE,
         weight_lists=weights,
         output_dtype=SparseType.FP32,
+        row_alignment=row_alignment,
     )
+
+
+def first_feature_out_of_range(
+    values: torch.Tensor, starts: list[int], feature_rows: list[int], min_rows: int
+) -> int:
+    """The first feature f whose ids values[starts[f] : starts[f + 1]] leave [0, feature_rows[f]),
+    or -1: one min / max over every id when they all lie below `min_rows` (the smallest table),
+    else a min / max per feature."""
+    if values.numel() == 0:
+        return -1
+    low, high = torch.aminmax(values)
+    if int(low) >= 0 and int(high) < min_rows:
+        return -1
+    for f in range(len(feature_rows)):
+        if starts[f + 1] > starts[f]:
+            low, high = torch.aminmax(values[starts[f] : starts[f + 1]])
+            if int(low) < 0 or int(high) >= feature_rows[f]:
+                return f
+    return -1
+
+
+class CheckedTBE(torch.nn.Module):
+    """A TBE (`build_tbe`) behind a range check of its ids: an id outside [0, rows) of its
+    table raises embq.errors.DataError naming the feature, id and table (under TorchScript a
+    torch.jit.Error carrying "embq.errors.DataError: ...") before the TBE reads anything.
+
+    forward(values int64 [N], offsets int64 [F * B + 1]) -> float32 [B, sum of dims], the
+    TBE's features (`feature_names`, key-major) in order.
+    """
+
+    def __init__(
+        self, tbe: torch.nn.Module, feature_names: list[str], table_names: list[str],
+        feature_rows: list[int],
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.tbe = tbe
+        self.feature_names = list(feature_names)
+        self.table_names = list(table_names)  # the table behind each feature
+        self.feature_rows = [int(r) for r in feature_rows]
+        self.min_rows: int = min(self.feature_rows)
+        self.num_features: int = len(self.feature_rows)
+
+    def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        batch = (offsets.shape[0] - 1) // self.num_features
+        if batch > 0:
+            starts: list[int] = offsets[0::batch].tolist()
+            f = first_feature_out_of_range(values, starts, self.feature_rows, self.min_rows)
+            if f >= 0:
+                ids = values[starts[f] : starts[f + 1]]
+                bad = ((ids < 0) | (ids >= self.feature_rows[f])).nonzero()
+                message = "id {} of feature '{}' is outside its table's {} rows (table '{}')"
+                raise DataError(
+                    message.format(
+                        int(ids[int(bad[0, 0])]), self.feature_names[f],
+                        self.feature_rows[f], self.table_names[f],
+                    )  # fmt: skip
+                )
+        return self.tbe(values, offsets)
 
 
 class _NBitTable(torch.nn.Module):
@@ -563,10 +662,11 @@ class QuantEmbeddingBags(torch.nn.Module):
 def build_embedding_bags(
     tables: list[QuantizedTable], kernel: str = "auto"
 ) -> QuantEmbeddingBags:
-    """Kernels for encoded tables: one `RowwiseNBitBagCollection` (ATen) for the 4-bit / 2-bit
-    row-wise tables (kernel "auto", the default), one fbgemm TBE per pooling mode for the other
-    row-wise tables (every row-wise table with kernel="tbe"), one `CodebookBagCollection` for
-    codebook / PQ tables. Feature order: tables in order, each table's feature_names in order.
+    """Kernels for encoded tables: one fbgemm TBE per pooling mode and row alignment for the
+    row-wise tables (`tbe_row_alignment`), except 4-bit / 2-bit ones with kernel="compact": one
+    `RowwiseNBitBagCollection` (ATen, memory-mapped rows) for those; one `CodebookBagCollection`
+    for codebook / PQ tables. Feature order: tables in order, each table's feature_names in
+    order.
 
     Raises:
         ConfigError: kernel is not one of KERNEL_CHOICES.
@@ -591,10 +691,20 @@ def build_embedding_bags(
             nbit, [first[t.name] for t in nbit], num_features
         )
         kernels.append((collection, nbit, True))  # reads its features from the whole input
-    for pooling in POOLINGS:
-        tbe = [t for t in tables if served_by[t.name] == KERNEL_TBE and t.pooling == pooling]
-        if tbe:
-            kernels.append((build_tbe(tbe, pooling), tbe, False))
+    # one TBE per pooling mode and row alignment (a TBE pads all its rows alike)
+    tbe_groups: dict[tuple[str, int], list[QuantizedTable]] = {}
+    for t in tables:
+        if served_by[t.name] == KERNEL_TBE:
+            alignment = tbe_row_alignment(int(t.codes.shape[1]), kernel)
+            tbe_groups.setdefault((t.pooling, alignment), []).append(t)
+    for (pooling, alignment), tbe in sorted(tbe_groups.items()):
+        checked = CheckedTBE(
+            build_tbe(tbe, pooling, alignment),
+            [f for t in tbe for f in t.feature_names],
+            [t.name for t in tbe for _ in t.feature_names],
+            [t.rows for t in tbe for _ in t.feature_names],
+        )
+        kernels.append((checked, tbe, False))
     codebook = [t for t in tables if served_by[t.name] == KERNEL_CODEBOOK]
     if codebook:
         kernels.append((CodebookBagCollection.from_tables(codebook), codebook, False))
@@ -897,9 +1007,11 @@ def inference_metadata(
     Returns:
         {"model": "dlrm" | None,
          "tables": [{name, format, kernel ("aten-nbit" | "fbgemm-tbe" | "codebook-bag"), rows,
-                     dim, bytes (the table file, bytes), bytes_per_row, feature_names, pooling,
+                     dim, bytes (the table file, bytes), bytes_per_row, memory_bytes (what the
+                     loaded kernel holds: `table_memory_bytes`), feature_names, pooling,
                      stats}],
          "table_bytes": total bytes of the table files,
+         "memory_bytes": total memory_bytes of the tables,
          "fp32_bytes": what the same tables take in fp32 (rows * dim * 4),
          "formats": {format: number of tables},
          "dense": {"kind", "bytes"} | None,
@@ -925,6 +1037,9 @@ def inference_metadata(
                 "dim": e.dim,
                 "bytes": e.bytes,
                 "bytes_per_row": e.bytes_per_row,
+                "memory_bytes": table_memory_bytes(
+                    e.format, e.rows, e.bytes, e.bytes_per_row, kernel
+                ),
                 "feature_names": list(e.feature_names),
                 "pooling": pooling.get(name, "SUM"),
                 "stats": dict(e.stats),
@@ -942,6 +1057,7 @@ def inference_metadata(
         "model": "dlrm" if is_dlrm else None,
         "tables": tables,
         "table_bytes": sum(t["bytes"] for t in tables),
+        "memory_bytes": sum(t["memory_bytes"] for t in tables),
         "fp32_bytes": sum(t["rows"] * t["dim"] * 4 for t in tables),
         "formats": formats,
         "dense": None
@@ -972,9 +1088,13 @@ def load_inference_model(
     Args:
         path: the artifact directory.
         verify: check every file's sha256 while loading (reads each byte once).
-        kernel: "auto" (default): 4-bit / 2-bit row-wise tables use ATen's n-bit embedding-bag
-            ops on the memory-mapped rows, int8 / fp16 / fp32 tables fbgemm's TBE; "tbe": every
-            row-wise table in fbgemm's TBE. Codebook / PQ tables use embq.codebook_bag either way.
+        kernel: "auto" (default): every row-wise table in fbgemm's TBE, rows of at most 64 bytes
+            padded to a power of two (fastest lookups; an int4 row of dim 64 takes 64 bytes
+            instead of 36); "compact": 4-bit / 2-bit row-wise tables on ATen's n-bit
+            embedding-bag ops over the memory-mapped rows (nothing copied: the least memory),
+            the others in the TBE unpadded; "tbe": every row-wise table in the TBE, unpadded.
+            Codebook / PQ tables use embq.codebook_bag in every case. The choices agree up to
+            float32 rounding ("auto" and "tbe" run the same kernel and agree exactly).
 
     Raises:
         ArtifactError: not a DLRM artifact, tables that disagree with its config, dense towers
@@ -1015,8 +1135,8 @@ def export_torchscript(
     "embq_metadata.json". The file is written to a temporary name and renamed into place.
     `kernel`: as in `load_inference_model`. Ids outside their table raise a torch.jit.Error
     (or RuntimeError) before any kernel reads them: "embq.errors.DataError: id ... of feature
-    ..." for tables on the "aten-nbit" kernel (the module checks them itself), fbgemm's /
-    embq.codebook_bag's own bounds-check errors for the others.
+    ..." for row-wise tables (`CheckedTBE` and the "aten-nbit" kernel check them),
+    embq.codebook_bag's own bounds-check errors for codebook / PQ tables.
 
     Returns:
         out_path.
