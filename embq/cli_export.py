@@ -48,8 +48,9 @@ def _random_inputs(model: Any, batch: int, seed: int) -> tuple[Any, Any, Any]:
 
 
 def check_export(
-    artifact: str | os.PathLike, scripted_path: str | os.PathLike, seed: int = 0
-) -> float:
+    artifact: str | os.PathLike, scripted_path: str | os.PathLike, seed: int = 0,
+    kernel: str = "auto",
+) -> float:  # fmt: skip
     """Largest |logit difference| between the exported file and the eager runtime model.
 
     Raises:
@@ -60,7 +61,7 @@ def check_export(
 
     from embq.runtime import load_inference_model
 
-    eager = load_inference_model(artifact, verify=False)
+    eager = load_inference_model(artifact, verify=False, kernel=kernel)
     scripted = torch.jit.load(str(scripted_path), map_location="cpu")
     dense, values, offsets = _random_inputs(eager, CHECK_BATCH, seed)
     with torch.inference_mode():
@@ -80,10 +81,10 @@ def run(args: argparse.Namespace) -> None:
     from embq.runtime import export_torchscript
 
     start = time.perf_counter()
-    out = Path(export_torchscript(args.artifact, args.torchscript))
+    out = Path(export_torchscript(args.artifact, args.torchscript, kernel=args.kernel))
     result: dict[str, Any] = {"output": str(out), "bytes": out.stat().st_size}
     if not args.no_check:
-        result["max_abs_logit_diff"] = check_export(args.artifact, out)
+        result["max_abs_logit_diff"] = check_export(args.artifact, out, kernel=args.kernel)
     result["seconds"] = round(time.perf_counter() - start, 2)
     print(json.dumps(result))
 
@@ -100,6 +101,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="OUT.pt",
         required=True,
         help="TorchScript file to write (replaced atomically if it exists)",
+    )
+    parser.add_argument(
+        "--kernel",
+        choices=["auto", "compact", "tbe"],  # embq.runtime.KERNEL_CHOICES
+        default="auto",
+        help="lookup kernels inside the file (see embq.runtime): auto (fastest), compact (4-/2-bit "
+        "tables at their encoded size) or tbe",
     )
     parser.add_argument("--no-check", action="store_true",
                         help="skip loading the file back and comparing it with the eager model")  # fmt: skip

@@ -334,6 +334,60 @@ def test_torchscript_export_equals_predictor(fmt, artifacts, predictors, tmp_pat
     assert scripted.metadata()["inputs"] == predictors[fmt].metadata()["inputs"]
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int2-greedy"])
+def test_kernel_choices_serve_alike(fmt, artifacts, predictors, tmp_path):
+    """The same artifact on each kernel choice: "auto" (TBE, rows padded to a power of two),
+    "compact" (ATen's n-bit ops on the memory-mapped rows) and "tbe" (unpadded TBE) answer alike,
+    the metadata says which kernel holds how many bytes, and exports keep the choice."""
+    from embq_serving.export import ScriptedPredictor, export_checked
+    from embq_serving.predictor import Predictor
+
+    dense, sparse = sample_batch(seed=9)
+    auto = predictors[fmt]
+    want = auto.logits(dense, sparse)
+    np.testing.assert_allclose(
+        want, reference_logits(artifacts[fmt], dense, sparse), rtol=LOGIT_RTOL, atol=LOGIT_RTOL
+    )
+    memory = {}
+    for kernel, served_by in (("auto", "fbgemm-tbe"), ("compact", "aten-nbit"), ("tbe", "fbgemm-tbe")):
+        predictor = auto if kernel == "auto" else Predictor(artifacts[fmt], kernel=kernel)
+        meta = predictor.metadata()
+        assert {t["kernel"] for t in meta["tables"]} == {served_by}
+        memory[kernel] = meta["memory_bytes"]
+        np.testing.assert_allclose(predictor.logits(dense, sparse), want, rtol=1e-6, atol=1e-6)
+        if kernel == "compact":
+            out = tmp_path / f"{fmt}-{kernel}.pt"
+            assert export_checked(predictor, out)["max_abs_logit_diff"] == 0.0
+            scripted = ScriptedPredictor(out).metadata()
+            assert {t["kernel"] for t in scripted["tables"]} == {"aten-nbit"}
+    rows_bytes = sum(t["rows"] * t["bytes_per_row"] for t in auto.metadata()["tables"])
+    padded = sum(
+        t["rows"] * (1 << (t["bytes_per_row"] - 1).bit_length()) for t in auto.metadata()["tables"]
+    )
+    assert memory["tbe"] == rows_bytes <= memory["auto"] == padded
+    if fmt == "int4":  # dim 16: 12-byte rows, padded to 16 (int2's 8 bytes need no padding)
+        assert memory["auto"] == memory["tbe"] * 16 // 12
+    assert memory["compact"] == auto.metadata()["table_bytes"]  # the mapped files
+
+
+def test_kernel_flags_offer_the_runtime_choices():
+    import argparse
+
+    from embq.cli_export import add_parser
+    from embq.runtime import KERNEL_CHOICES
+    from embq_serving.http import build_parser
+
+    def choices(parser: argparse.ArgumentParser) -> tuple[str, ...]:
+        (action,) = [a for a in parser._actions if a.dest == "kernel"]
+        assert action.default == "auto"
+        return tuple(action.choices)
+
+    assert choices(build_parser()) == KERNEL_CHOICES
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    assert choices(sub.choices["export"]) == KERNEL_CHOICES
+
+
 _TORCH_ONLY = """
 import json, sys
 import torch, fbgemm_gpu

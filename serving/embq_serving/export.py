@@ -133,7 +133,7 @@ def export_checked(artifact: str | os.PathLike | Predictor, out: str | os.PathLi
     from embq.runtime import export_torchscript
 
     predictor = artifact if isinstance(artifact, Predictor) else Predictor(artifact)
-    path = export_torchscript(predictor.path, out)
+    path = export_torchscript(predictor.path, out, kernel=predictor.kernel)
     diff = compare(predictor, ScriptedPredictor(path), batch=batch, seed=seed)
     if not diff <= atol:
         raise EmbqError(

@@ -183,7 +183,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 
 def create_app(model: str | os.PathLike | BasePredictor, limits: Limits | None = None,
-               num_threads: int | None = None) -> FastAPI:  # fmt: skip
+               num_threads: int | None = None, kernel: str = "auto") -> FastAPI:  # fmt: skip
     """A FastAPI app serving `model`.
 
     Args:
@@ -192,6 +192,7 @@ def create_app(model: str | os.PathLike | BasePredictor, limits: Limits | None =
             e.g. by tests that build several apps).
         limits: request limits (defaults: 1024 rows, 8 MiB).
         num_threads: torch intra-op threads, set when the model is loaded.
+        kernel: the runtime's kernel choice for a model loaded from a path (see `Predictor`).
 
     Returns:
         The app; run it with uvicorn, or drive it with fastapi.testclient.TestClient (use it as
@@ -205,7 +206,7 @@ def create_app(model: str | os.PathLike | BasePredictor, limits: Limits | None =
             app.state.predictor = model
         else:
             try:
-                app.state.predictor = Predictor(model, num_threads=num_threads)
+                app.state.predictor = Predictor(model, num_threads=num_threads, kernel=kernel)
             except EmbqError as e:
                 log.error("embq-serve: cannot load %s: %s", model, e)
                 raise ModelLoadError(str(e)) from None
@@ -287,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="open connections before the server answers 503 (default 64)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--kernel",
+        choices=["auto", "compact", "tbe"],  # embq.runtime.KERNEL_CHOICES
+        default="auto",
+        help="lookup kernels: auto (fastest; short rows padded to a power of two), compact "
+        "(least memory: 4-/2-bit rows read in place from the memory-mapped artifact) or tbe",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
@@ -318,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(args.log_level.upper())
     if args.host not in LOOPBACK:
         log.warning("embq-serve: binding %s exposes the model beyond this machine", args.host)
-    app = create_app(args.model, Limits(args.max_batch, args.max_body_bytes), args.threads)
+    app = create_app(
+        args.model, Limits(args.max_batch, args.max_body_bytes), args.threads, args.kernel
+    )
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
         limit_concurrency=args.max_concurrency, timeout_graceful_shutdown=30,

@@ -410,13 +410,19 @@ class Predictor(BasePredictor):
         path: the artifact directory (X.embq). Loading verifies sizes and sha256 checksums and
             raises embq.ArtifactError for anything truncated or tampered with.
         num_threads: if given, `torch.set_num_threads(num_threads)` (process-wide).
+        kernel: the runtime's kernel choice (`embq.runtime.KERNEL_CHOICES`): "auto" (default,
+            fastest: row-wise tables in fbgemm's TBE, short rows padded to a power of two),
+            "compact" (least memory: 4-/2-bit tables read in place from the memory-mapped
+            artifact by ATen's n-bit ops) or "tbe" (every row-wise table in the TBE, unpadded).
 
     Example:
         predictor = Predictor("runs/demo/int4.embq")
         probs = predictor.predict(dense, {"cat_0": [[3], [7, 9]], ...})   # float32 [2]
     """
 
-    def __init__(self, path: str | os.PathLike, num_threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, num_threads: int | None = None, kernel: str = "auto"
+    ) -> None:
         import torch
 
         from embq.runtime import inference_metadata, load_inference_model
@@ -425,8 +431,9 @@ class Predictor(BasePredictor):
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
         self.path = Path(path)
-        self._model = load_inference_model(self.path).eval()
-        self._metadata = inference_metadata(self.path)
+        self.kernel = kernel
+        self._model = load_inference_model(self.path, kernel=kernel).eval()
+        self._metadata = inference_metadata(self.path, kernel)
         self.input_spec = InputSpec.from_metadata(self._metadata)
         # The runtime's core takes the plain tensors `prepare` validated; the model's KJT front
         # end would only repeat those checks. It is also exactly what TorchScript export saves.
