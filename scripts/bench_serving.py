@@ -8,12 +8,14 @@
    one artifact per format, written by embq (`embq.torchrec.quantize_tables` +
    `embq.cli_quantize.write_artifact`, what `embq quantize` runs).
 2. Measure, in this one process, for the fp32 model (TorchRec `EmbeddingBagCollection` inside
-   TorchRec's DLRM) and each artifact (embq.runtime kernels, loaded by the serving Predictor:
-   "aten-nbit" = ATen's quantized::embedding_bag_{4,2}bit_rowwise_offsets on the memory-mapped
-   rows for int4/int2 and their searches, "fbgemm-tbe" = fbgemm's TBE for fp32 / fp16 / int8,
-   "codebook-bag" for PQ / codebooks; the "fp32" artifact is the same fp32 tables in fbgemm's
-   TBE; the "int4/tbe" row is the int4 artifact loaded with kernel="tbe", the same bytes in the
-   TBE, for comparison; --no-tbe-row drops it): predictions per second and
+   TorchRec's DLRM) and each artifact (embq.runtime kernels, loaded by the serving Predictor
+   with the default kernel choice: "fbgemm-tbe" = fbgemm's TBE for every row-wise format, rows
+   of at most 64 bytes padded to a power of two so that none straddles a cache line;
+   "codebook-bag" for PQ / codebooks; the "fp32" artifact is the same fp32 tables in the TBE;
+   the "int4/compact" row is the int4 artifact loaded with kernel="compact" -- ATen's
+   quantized::embedding_bag_4bit_rowwise_offsets ("aten-nbit") reading the memory-mapped
+   rows, the least memory -- and "int4/tbe" with kernel="tbe", the TBE at fbgemm's default
+   16-byte row alignment; --no-kernel-rows drops those two): predictions per second and
    p50 / p99 latency at batch 1, 64 and 512, for the embedding lookups alone and for the whole
    prediction, and the resident memory each model adds (RSS delta after loading it and one
    warm-up pass). Models are loaded one after the other, then timed in interleaved rounds, so
@@ -264,21 +266,23 @@ def load_models(
         if fmt == "int4":  # what the Predictor's input validation adds at b512
             models.append(Served(PREDICT_ROW, kernel, lambda b, p=predictor: p.predict(b.dense, b.kjt),
                                  lambda b, p=predictor: p.predict(b.dense, b.kjt), meta["table_bytes"]))  # fmt: skip
-    if "int4" in args.formats and args.tbe_row:
-        # the same int4 bytes in fbgemm's TBE: what the "aten-nbit" kernel is compared with
+    if "int4" in args.formats and args.kernel_rows:
+        # the same int4 bytes on the other kernel choices: what the default is compared with
         from embq.runtime import load_inference_model
 
-        release_memory()
-        before = rss_bytes()
-        tbe_model = load_inference_model(workdir / "int4.embq", kernel="tbe")
-        core, meta = tbe_model.core, tbe_model.metadata
-        kernel = "+".join(sorted({t["kernel"] for t in meta["tables"]}))
-        add(Served("int4/tbe", kernel, lambda b, core=core: core.embeddings(b.values, b.offsets),
-                   lambda b, core=core: torch.sigmoid(core(b.dense, b.values, b.offsets)),
-                   meta["table_bytes"]), before)  # fmt: skip
-        with torch.inference_mode():
-            got = torch.sigmoid(core(probe.dense, probe.values, probe.offsets)).numpy()
-        checks["int4/tbe"] = float(np.abs(got - reference).max())
+        for choice in ("compact", "tbe"):
+            release_memory()
+            before = rss_bytes()
+            variant = load_inference_model(workdir / "int4.embq", verify=False, kernel=choice)
+            core, meta = variant.core, variant.metadata
+            kernel = "+".join(sorted({t["kernel"] for t in meta["tables"]}))
+            add(Served(f"int4/{choice}", kernel,
+                       lambda b, core=core: core.embeddings(b.values, b.offsets),
+                       lambda b, core=core: torch.sigmoid(core(b.dense, b.values, b.offsets)),
+                       meta["table_bytes"]), before)  # fmt: skip
+            with torch.inference_mode():
+                got = torch.sigmoid(core(probe.dense, probe.values, probe.offsets)).numpy()
+            checks[f"int4/{choice}"] = float(np.abs(got - reference).max())
     return models, checks
 
 
@@ -516,10 +520,12 @@ def main() -> None:
         help="artifacts are built here once per table size and reused",
     )
     parser.add_argument(
-        "--no-tbe-row",
-        dest="tbe_row",
+        "--no-kernel-rows",
+        dest="kernel_rows",
         action="store_false",
-        help="skip the int4/tbe row (the int4 artifact in fbgemm's TBE instead of ATen's op)",
+        help="skip the int4/compact and int4/tbe rows (the int4 artifact on the runtime's other "
+        "kernel choices: ATen's n-bit op on the memory-mapped rows, fbgemm's TBE at its default "
+        "16-byte row alignment)",
     )
     parser.add_argument("--no-http", dest="http", action="store_false",
                         help="skip the HTTP load test")  # fmt: skip
@@ -553,6 +559,13 @@ def main() -> None:
     results = [r for r in results if r["format"] != PREDICT_ROW]
     print_table(results, http, args)
     base, int4 = by["fp32-torchrec"], by["int4"]
+
+    def ratio(name: str, key: str) -> float:
+        """A model's b512 lookup throughput ("lookup") or resident memory ("rss") over fp32's."""
+        if key == "rss":
+            return by[name]["rss_mb"] / base["rss_mb"]
+        return by[name]["batches"][512][key]["rows_per_s"] / base["batches"][512][key]["rows_per_s"]
+
     print(
         f"Predictor.predict (int4, input validation included) at batch 512: "
         f"{predict_call['rows_per_s']:,.0f} rows/s, p99 {predict_call['p99_ms']:.2f} ms "
@@ -566,9 +579,9 @@ def main() -> None:
         "int4_vs_fp32_model_throughput_b512":
             round(int4["batches"][512]["model"]["rows_per_s"] / base["batches"][512]["model"]["rows_per_s"], 3),
         "int4_kernel": int4["kernel"],
-        **({"int4_aten_vs_tbe_lookup_throughput_b512":
-            round(int4["batches"][512]["lookup"]["rows_per_s"] / by["int4/tbe"]["batches"][512]["lookup"]["rows_per_s"], 3)}
-           if "int4/tbe" in by else {}),
+        **{f"int4_{choice}_vs_fp32_{what}": round(ratio(f"int4/{choice}", key), 3)
+           for choice in ("compact", "tbe") if f"int4/{choice}" in by
+           for what, key in (("lookup_throughput_b512", "lookup"), ("rss", "rss"))},
         # ms per batch of 512 at the measured (mean) rates: lookups, whole model, and the rest (MLPs,
         # interaction, sigmoid, input handling) = model - lookup
         "b512_ms_per_batch": {name: {
@@ -576,7 +589,7 @@ def main() -> None:
             "model": round(512e3 / by[name]["batches"][512]["model"]["rows_per_s"], 3),
             "rest": round(512e3 / by[name]["batches"][512]["model"]["rows_per_s"]
                           - 512e3 / by[name]["batches"][512]["lookup"]["rows_per_s"], 3),
-        } for name in ("fp32-torchrec", "int4", "int4/tbe") if name in by},
+        } for name in ("fp32-torchrec", "int4", "int4/compact", "int4/tbe") if name in by},
         "int4_vs_fp32_table_bytes": round(int4["table_bytes"] / base["table_bytes"], 4),
         "int4_vs_fp32_rss": round(int4["rss_mb"] / base["rss_mb"], 4),
         **({"http_requests": http["requests"], "http_errors": http["errors"],
