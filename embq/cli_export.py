@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from embq.errors import EmbqError
+from embq.kernel_choice import add_kernel_argument
 
 CHECK_BATCH = 64
 # The scripted and eager modules run the same kernels in the same order: equal in practice.
@@ -102,13 +103,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="TorchScript file to write (replaced atomically if it exists)",
     )
-    parser.add_argument(
-        "--kernel",
-        choices=["auto", "compact", "tbe"],  # embq.runtime.KERNEL_CHOICES
-        default="auto",
-        help="lookup kernels inside the file (see embq.runtime): auto (fastest), compact (4-/2-bit "
-        "tables at their encoded size) or tbe",
-    )
+    add_kernel_argument(parser)
     parser.add_argument("--no-check", action="store_true",
                         help="skip loading the file back and comparing it with the eager model")  # fmt: skip
     parser.set_defaults(func=run)

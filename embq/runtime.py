@@ -60,6 +60,7 @@ import torch
 
 from embq.artifact import Artifact, load_artifact
 from embq.errors import ArtifactError, ConfigError, DataError
+from embq.kernel_choice import KERNEL_CHOICES  # "auto", "compact", "tbe": see the docstring
 from embq.model import DLRMConfig
 from embq.torchrec import POOLINGS, QuantizedTable, is_rowwise, tbe_weight_pair
 
@@ -69,13 +70,6 @@ METADATA_FILE = "embq_metadata.json"  # extra file inside exported TorchScript a
 KERNEL_TBE = "fbgemm-tbe"  # fbgemm IntNBitTableBatchedEmbeddingBagsCodegen
 KERNEL_NBIT = "aten-nbit"  # ATen quantized::embedding_bag_{4,2}bit_rowwise_offsets
 KERNEL_CODEBOOK = "codebook-bag"  # embq.codebook_bag
-# Choices of `load_inference_model(..., kernel=)` (see the module docstring):
-#   "auto"    every row-wise table in the TBE, rows of at most a cache line padded to a power of
-#             two (fastest lookups);
-#   "compact" 4-bit / 2-bit row-wise tables on KERNEL_NBIT over the memory-mapped rows (least
-#             memory), the other row-wise tables in the TBE with unpadded rows;
-#   "tbe"     every row-wise table in the TBE with unpadded rows (fbgemm's CPU default).
-KERNEL_CHOICES = ("auto", "compact", "tbe")
 CACHE_LINE = 64  # bytes: x86-64 and most ARM server cores
 TBE_ROW_ALIGNMENT = 1  # fbgemm's default for the CPU TBE: rows unpadded
 

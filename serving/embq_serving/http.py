@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from typing_extensions import TypedDict
 
 from embq.errors import EmbqError
+from embq.kernel_choice import add_kernel_argument
 from embq_serving.predictor import BasePredictor, Predictor
 
 log = logging.getLogger("embq_serving.http")
@@ -288,13 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="open connections before the server answers 503 (default 64)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument(
-        "--kernel",
-        choices=["auto", "compact", "tbe"],  # embq.runtime.KERNEL_CHOICES
-        default="auto",
-        help="lookup kernels: auto (fastest; short rows padded to a power of two), compact "
-        "(least memory: 4-/2-bit rows read in place from the memory-mapped artifact) or tbe",
-    )
+    add_kernel_argument(parser)
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
