@@ -574,6 +574,24 @@ def test_kernel_choices_predict_alike(quantized):
         load_inference_model(artifact, kernel="aten")
 
 
+@pytest.mark.parametrize("features, dim, batch", [(26, 64, 37), (1, 8, 5), (3, 16, 0)])
+def test_dot_interaction_equals_torchrec_interaction_arch(features: int, dim: int, batch: int):
+    """DotInteraction (flat index_select) and TorchRec's InteractionArch (2-D index) give the
+    same numbers bit for bit, eager and scripted."""
+    from torchrec.models.dlrm import InteractionArch
+
+    from embq.runtime import DotInteraction
+
+    g = torch.Generator().manual_seed(features)
+    dense = torch.randn(batch, dim, generator=g)
+    sparse = torch.randn(batch, features, dim, generator=g)
+    want = InteractionArch(num_sparse_features=features)(dense, sparse)
+    ours = DotInteraction(num_sparse_features=features)
+    assert want.shape == (batch, dim + features + features * (features - 1) // 2)
+    torch.testing.assert_close(ours(dense, sparse), want, atol=0, rtol=0)
+    torch.testing.assert_close(torch.jit.script(ours)(dense, sparse), want, atol=0, rtol=0)
+
+
 def _halved_towers(config, tensors, meta):
     """A stand-in dense loader for a new kind: fp32 towers with the top MLP's output halved."""
     from embq.runtime import DENSE_LOADERS

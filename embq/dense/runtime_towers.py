@@ -1,7 +1,7 @@
 """Quantized dense towers (from `embq.dense`) as the runtime's inference modules.
 
 The artifact's dense section holds `embq.dense.serialize.to_tensors` output with meta
-{"kind": KIND, ...}. `load_towers` rebuilds TorchRec's DenseArch / InteractionArch / OverArch
+{"kind": KIND, ...}. `load_towers` rebuilds TorchRec's DenseArch / OverArch and embq.runtime.DotInteraction
 (scriptable, so TorchScript export works) with each layer's quantized weights:
 
 - 8-bit weight codes run on fbgemm's int8 GEMM through torch's dynamic quantized Linear,
@@ -79,10 +79,10 @@ def load_towers(config, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 int8_kernels: bool = True):
     """`embq.runtime.DenseTowers` from a dense section written by `dense_section`; with
     `int8_kernels=False` every layer runs in float32 with its dequantized weights."""
-    from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, choose
+    from torchrec.models.dlrm import DenseArch, OverArch, choose
 
     from embq.dense.serialize import from_tensors
-    from embq.runtime import DenseTowers
+    from embq.runtime import DenseTowers, DotInteraction
 
     towers = from_tensors(tensors, {k: v for k, v in meta.items() if k != "kind"})
     for layer in (*towers.bottom, *towers.top):
@@ -93,7 +93,7 @@ def load_towers(config, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
     over_arch = OverArch(config.embedding_dim + choose(n, 2) + n, list(config.over_arch))
     _install(_linears(dense_arch), list(towers.bottom), dense_arch, int8_kernels)
     _install(_linears(over_arch), list(towers.top), over_arch, int8_kernels)
-    return DenseTowers(dense_arch.eval(), InteractionArch(num_sparse_features=n), over_arch.eval())
+    return DenseTowers(dense_arch.eval(), DotInteraction(num_sparse_features=n), over_arch.eval())
 
 
 def dense_section(towers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
