@@ -152,6 +152,41 @@ class Batch:
 # --------------------------------------------------------------------------- measuring
 
 
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # <sys/mman.h>; MADV_COLLAPSE: Linux 6.1
+HUGE_PAGE = 2 << 20
+
+
+def table_tensors(module: Any) -> list:
+    """The tensors holding a model's embedding rows in anonymous memory: TorchRec / torch
+    EmbeddingBag weights and fbgemm TBE weights (memory-mapped artifact rows are file pages and
+    are left out)."""
+    import torch
+
+    out = []
+    for m in module.modules():
+        if isinstance(m, torch.nn.EmbeddingBag):
+            out.append(m.weight)
+        elif type(m).__name__ == "IntNBitTableBatchedEmbeddingBagsCodegen":
+            out.append(m.weights_host)
+    return out
+
+
+def advise_huge_pages(tensors: list) -> int:
+    """Back the tensors' memory with 2 MiB pages now (madvise MADV_HUGEPAGE, then MADV_COLLAPSE)
+    and return the bytes advised; 0 where the kernel refuses (older than 6.1, THP off)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    done = 0
+    for t in tensors:
+        start = t.data_ptr()
+        first = -(-start // HUGE_PAGE) * HUGE_PAGE  # the whole huge pages inside the tensor
+        last = (start + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
+        if last > first and libc.madvise(first, last - first, MADV_HUGEPAGE) == 0:
+            if libc.madvise(first, last - first, MADV_COLLAPSE) == 0:
+                done += last - first
+    return done
+
+
 def rss_bytes() -> int:
     """Resident set size of this process (bytes), from /proc/self/statm."""
     with open("/proc/self/statm") as f:
@@ -233,7 +268,10 @@ def load_models(
 
     models: list[Served] = []
 
-    def add(served: Served, before: int) -> None:
+    def add(served: Served, before: int, module: Any) -> None:
+        if args.huge_pages:
+            advised = advise_huge_pages(table_tensors(module))
+            print(f"  {served.name}: {advised / 2**20:,.0f} MiB of tables on huge pages", flush=True)
         with torch.inference_mode():
             for b in warmup:
                 served.lookup(b)
@@ -247,7 +285,7 @@ def load_models(
     model = fp32_torchrec_model(workdir / "fp32.embq", args.rows)
     ebc = model.sparse_arch.embedding_bag_collection
     add(Served("fp32-torchrec", "torchrec-ebc", lambda b: ebc(b.kjt).values(),
-               lambda b: torch.sigmoid(model(b.dense, b.kjt)), args.rows * DIM * 4 * N_TABLES), before)  # fmt: skip
+               lambda b: torch.sigmoid(model(b.dense, b.kjt)), args.rows * DIM * 4 * N_TABLES), before, model)  # fmt: skip
     probe = warmup[0]
     with torch.inference_mode():
         reference = torch.sigmoid(model(probe.dense, probe.kjt)).reshape(-1).numpy()
@@ -260,7 +298,7 @@ def load_models(
         kernel = "+".join(sorted({t["kernel"] for t in meta["tables"]}))
         add(Served(fmt, kernel, lambda b, core=core: core.embeddings(b.values, b.offsets),
                    lambda b, core=core: torch.sigmoid(core(b.dense, b.values, b.offsets)),
-                   meta["table_bytes"]), before)  # fmt: skip
+                   meta["table_bytes"]), before, core)  # fmt: skip
         # the serving path, validation included, must agree with fp32 up to quantization error
         checks[fmt] = float(np.abs(predictor.predict(probe.dense, probe.kjt) - reference).max())
         if fmt == "int4":  # what the Predictor's input validation adds at b512
@@ -279,7 +317,7 @@ def load_models(
             add(Served(f"int4/{choice}", kernel,
                        lambda b, core=core: core.embeddings(b.values, b.offsets),
                        lambda b, core=core: torch.sigmoid(core(b.dense, b.values, b.offsets)),
-                       meta["table_bytes"]), before)  # fmt: skip
+                       meta["table_bytes"]), before, core)  # fmt: skip
             with torch.inference_mode():
                 got = torch.sigmoid(core(probe.dense, probe.values, probe.offsets)).numpy()
             checks[f"int4/{choice}"] = float(np.abs(got - reference).max())
@@ -445,7 +483,7 @@ def print_table(results: list[dict], http: dict, args: argparse.Namespace) -> No
           f"{N_DENSE} dense inputs")  # fmt: skip
     print(
         f"ids {args.ids} over each table, {args.pooling} ids per bag ({N_TABLES * args.pooling} "
-        f"lookups per row), torch threads {args.threads} (OMP_WAIT_POLICY="
+        f"lookups per row), huge pages {'on' if args.huge_pages else 'off'}, torch threads {args.threads} (OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), {args.seconds:g}s per measurement in "
         f"{args.rounds} interleaved rounds; 'vs fp32' is against fp32-torchrec; model = lookups + "
         "MLPs + interaction + sigmoid; p50/p99 are of the whole model; RSS after loading and one "
@@ -527,6 +565,13 @@ def main() -> None:
         "kernel choices: ATen's n-bit op on the memory-mapped rows, fbgemm's TBE at its default "
         "16-byte row alignment)",
     )
+    parser.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="back every model's table memory (TorchRec's and the TBE's; not memory-mapped rows) "
+        "with 2 MiB pages (madvise MADV_HUGEPAGE + MADV_COLLAPSE, Linux >= 6.1): what a host with "
+        "transparent huge pages 'always' gives the float tables",
+    )
     parser.add_argument("--no-http", dest="http", action="store_false",
                         help="skip the HTTP load test")  # fmt: skip
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
@@ -573,7 +618,7 @@ def main() -> None:
     )
     summary = {
         "rows_per_table": args.rows, "tables": N_TABLES, "dim": DIM, "pooling": args.pooling,
-        "ids": args.ids, "threads": args.threads,
+        "ids": args.ids, "threads": args.threads, "huge_pages": args.huge_pages,
         "int4_vs_fp32_lookup_throughput_b512":
             round(int4["batches"][512]["lookup"]["rows_per_s"] / base["batches"][512]["lookup"]["rows_per_s"], 3),
         "int4_vs_fp32_model_throughput_b512":
