@@ -204,8 +204,7 @@ class RowwiseFormat(TableFormat):
 def check_fp16_range(x: np.ndarray, bits: int, name: str) -> None:
     """FormatError if a row's bias (|value| > 65504) or scale ((max-min)/(2^bits-1) > 65504)
     cannot be stored in fp16. x: validated float32 [n, d] with n > 0."""
-    lo = x.min(axis=1).astype(np.float64)
-    hi = x.max(axis=1).astype(np.float64)
+    lo, hi = (v.astype(np.float64) for v in rowwise.row_extremes(x))
     big = np.maximum(np.abs(lo), np.abs(hi)) > FP16_MAX
     wide = (hi - lo) / rowwise.qmax_of(bits) > FP16_MAX
     bad = big | wide

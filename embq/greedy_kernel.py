@@ -280,6 +280,22 @@ def aten_losses(x, lo, hi, qmax, out):
 
 
 @njit(**_JIT)
+def row_extremes(x, r0, r1, lo_out, hi_out):
+    """lo_out[r], hi_out[r] = min and max of row r of x float32 [n, d] (d >= 1, no NaN), rows
+    r0..r1-1: numpy's x.min(axis=1) costs ~0.2 us a row of 64, this ~20x less."""
+    d = x.shape[1]
+    for r in range(r0, r1):
+        lo = x[r, 0]
+        hi = lo
+        for j in range(1, d):
+            v = x[r, j]
+            lo = v if v < lo else lo
+            hi = v if v > hi else hi
+        lo_out[r] = lo
+        hi_out[r] = hi
+
+
+@njit(**_JIT)
 def encode_rows(x, lo, hi, bits, r0, r1, out):
     """Fused SBHalf rows of x float32 [n, d] with ranges (lo, hi) into out uint8 [n, bpr],
     rows r0..r1-1, exactly as `rowwise.encode_ranges` (and fbgemm / ATen's packer)."""

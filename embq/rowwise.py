@@ -341,7 +341,20 @@ def encode_minmax(x: np.ndarray, bits: int) -> np.ndarray:
 
 def minmax_ranges(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row min and max, float32 [n] each (fbgemm's and TorchRec's choice)."""
-    return x.min(axis=1), x.max(axis=1)
+    return row_extremes(x)
+
+
+def row_extremes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of each row of float32 [n, d] rows without NaN, float32 [n] each: one
+    compiled pass over the rows (`greedy_kernel.row_extremes`), numpy where numba is off."""
+    k = _kernels()
+    if k is None or x.shape[1] == 0:
+        return x.min(axis=1), x.max(axis=1)
+    x = np.ascontiguousarray(x, dtype=F32)
+    lo = np.empty(x.shape[0], F32)
+    hi = np.empty(x.shape[0], F32)
+    run_rows(lambda r0, r1: k.row_extremes(x, r0, r1, lo, hi), x.shape[0], least=4096)
+    return lo, hi
 
 
 # --------------------------------------------------------------------------- GREEDY (EMB4)
