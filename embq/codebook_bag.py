@@ -2,9 +2,10 @@
 
 `CodebookBag` keeps one table's encoded rows (uint8, the artifact's bytes: the table stays
 compressed in memory) and its table-level params, and computes bag-pooled embeddings with
-batched torch ops: gather the code rows of all ids, decode them to float32 (unpack the 4-bit or
-PQ codes, look the centroids up), and SUM / MEAN them per bag. There are no per-row Python loops,
-and both modules are TorchScript-scriptable (`torch.jit.script`).
+batched torch ops: gather the code rows of all ids, decode them to float32 (unpack the 4-bit
+codes, look the centroids up), and SUM / MEAN them per bag. PQ bags skip the decoding: their
+sums are sums of centroids, pooled by one `embedding_bag` over the centroid table. There are no
+per-row Python loops, and both modules are TorchScript-scriptable (`torch.jit.script`).
 
 Byte layouts (see embq.codebook)::
 
@@ -131,14 +132,38 @@ class CodebookBag(torch.nn.Module):
             qp = self._fp16(rows[:, half:])  # [n, 2]: scale, offset
             levels = self.codebook[self._unpack4(rows[:, :half])]
             return qp[:, 1:2] + qp[:, 0:1] * levels
-        # PQ: bits LSB-first across the row, sub-quantizer m in bits m*nbits .. m*nbits+nbits-1
+        return self.codebook[self._pq_rows(rows)].reshape(-1, self.dim)
+
+    def _pq_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """PQ code rows uint8 [n, bytes] -> int64 [n, M]: the `codebook` row of each
+        sub-quantizer's centroid (sub-quantizer m's code c is row m * 2^bits + c)."""
+        # bits LSB-first across the row, sub-quantizer m in bits m*nbits .. m*nbits+nbits-1
         if self.nbits == 8:
             sub = rows[:, : self.m].to(torch.int64)
         else:
             bits = ((rows.unsqueeze(2) >> self._shifts) & 1).reshape(rows.shape[0], -1)
             bits = bits[:, : self.m * self.nbits].reshape(-1, self.m, self.nbits).to(torch.int64)
             sub = (bits * self._bit_weights).sum(dim=2)
-        return self.codebook[sub + self._sub_base].reshape(-1, self.dim)
+        return sub + self._sub_base
+
+    def _pq_pooled(self, ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """SUM-pooled PQ bags (bag b starts at ids[starts[b]]) without decoding any row: the
+        sum of a bag is, sub-quantizer by sub-quantizer, a sum of centroids, so one
+        embedding_bag over the small [M * 2^bits, dim / M] centroid table pools all M * B
+        (sub-quantizer, bag) pairs, with the codes laid out sub-quantizer-major."""
+        rows = self.codes.index_select(0, ids)
+        n, num_bags = rows.shape[0], starts.shape[0]
+        # sub-quantizer-major [M, n] (transposed while still uint8 where codes are bytes)
+        if self.nbits == 8:
+            sub = rows[:, : self.m].t().contiguous().to(torch.int64) + self._sub_base.unsqueeze(1)
+        else:
+            sub = self._pq_rows(rows).t().contiguous()
+        flat = sub.reshape(-1)  # sub-quantizer m's codes at m*n .. m*n+n-1
+        bag_starts = (self._sub_base.unsqueeze(1) >> self.nbits) * n + starts.unsqueeze(0)
+        pooled = torch.nn.functional.embedding_bag(
+            flat, self.codebook, bag_starts.reshape(-1), mode="sum"
+        )  # [M * B, dim / M], sub-quantizer-major
+        return pooled.reshape(self.m, num_bags, -1).transpose(0, 1).reshape(num_bags, self.dim)
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Pooled embeddings of bags.
@@ -154,9 +179,12 @@ class CodebookBag(torch.nn.Module):
             raise RuntimeError(f"embedding ids out of range: this table has {self.rows} rows")
         lengths = (offsets[1:] - offsets[:-1]).to(torch.int64)
         num_bags = lengths.shape[0]
-        bag_of_id = torch.repeat_interleave(torch.arange(num_bags, device=ids.device), lengths)
-        out = torch.zeros(num_bags, self.dim, dtype=torch.float32, device=ids.device)
-        out.index_add_(0, bag_of_id, self.decode(ids))
+        if self.kind == "pq":
+            out = self._pq_pooled(ids, (offsets[:-1] - offsets[0]).to(torch.int64))
+        else:
+            bag_of_id = torch.repeat_interleave(torch.arange(num_bags, device=ids.device), lengths)
+            out = torch.zeros(num_bags, self.dim, dtype=torch.float32, device=ids.device)
+            out.index_add_(0, bag_of_id, self.decode(ids))
         if self.pooling == "MEAN":
             out = out / lengths.clamp(min=1).unsqueeze(1).to(torch.float32)
         return out
