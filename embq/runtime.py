@@ -185,43 +185,159 @@ def first_feature_out_of_range(
     return -1
 
 
-class CheckedTBE(torch.nn.Module):
-    """A TBE (`build_tbe`) behind a range check of its ids: an id outside [0, rows) of its
+class ScriptedCopy:
+    """Mixin for modules whose eager calls run a TorchScript copy of themselves
+    (`scripted_copy()`: made on first use, and again after an attribute of the module is set;
+    it shares the module's tensors, nothing is copied). torch.jit.fork runs tasks in parallel
+    only inside TorchScript, and a scripted loop costs less per op than Python's. The copy is no
+    part of the module's state, and scripting the module leaves it out."""
+
+    __jit_ignored_attributes__ = ["_scripted"]
+    _scripted: Any = None
+
+    @torch.jit.unused
+    def scripted_copy(self) -> Any:
+        scripted = self.__dict__.get("_scripted")
+        if scripted is None:
+            # in __dict__, not registered as a submodule (setattr would register a Module)
+            scripted = self.__dict__["_scripted"] = torch.jit.script(self)
+        return scripted
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_scripted"] = None  # copies and pickles script themselves again
+        return state
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name != "_scripted" and self.__dict__.get("_scripted") is not None:
+            self.__dict__["_scripted"] = None  # re-scripted on the next call, with the change
+
+
+class CheckedTBE(ScriptedCopy, torch.nn.Module):
+    """TBEs (`build_tbe`) behind a range check of their ids: an id outside [0, rows) of its
     table raises embq.errors.DataError naming the feature, id and table (under TorchScript a
-    torch.jit.Error carrying "embq.errors.DataError: ...") before the TBE reads anything.
+    torch.jit.Error carrying "embq.errors.DataError: ...") before any TBE reads anything.
+
+    `parts`: the tables split into runs of consecutive features, one TBE each (`part_features`:
+    how many features each serves). fbgemm's CPU TBE looks its tables up on one thread, so a
+    model loaded under several torch threads gets one part per thread, and a batch of at least
+    `parallel_min_ids` ids runs the parts as parallel tasks (torch.jit.fork, torch's inter-op
+    pool): the lookups are bound by memory latency, so each core adds misses in flight. Eager
+    calls check the ids, then run the module's TorchScript copy (ScriptedCopy) on
+    torch.get_num_threads(); a scripted module uses its attribute `threads` (1 unless set on
+    the loaded module). One part reads the whole input, with no slicing.
 
     forward(values int64 [N], offsets int64 [F * B + 1]) -> float32 [B, sum of dims], the
-    TBE's features (`feature_names`, key-major) in order.
+    features (`feature_names`, key-major) in order.
     """
 
+    # Batches with fewer ids run the parts one after the other (as RowwiseNBitBagCollection).
+    PARALLEL_MIN_IDS = 65536
+
     def __init__(
-        self, tbe: torch.nn.Module, feature_names: list[str], table_names: list[str],
-        feature_rows: list[int],
+        self, parts: list[torch.nn.Module], part_features: list[int], feature_names: list[str],
+        table_names: list[str], feature_rows: list[int], feature_dims: list[int],
     ) -> None:  # fmt: skip
         super().__init__()
-        self.tbe = tbe
+        if not parts or len(parts) != len(part_features) or sum(part_features) != len(feature_rows):
+            raise ConfigError(f"parts serving {part_features} features do not cover {len(feature_rows)}")
+        self.parts = torch.nn.ModuleList(parts)
+        self.part_firsts = [int(f) for f in np.concatenate([[0], np.cumsum(part_features)])]
         self.feature_names = list(feature_names)
         self.table_names = list(table_names)  # the table behind each feature
         self.feature_rows = [int(r) for r in feature_rows]
         self.min_rows: int = min(self.feature_rows)
         self.num_features: int = len(self.feature_rows)
+        self.out_dim: int = int(sum(feature_dims))
+        self.threads: int = 1  # tasks of a scripted forward (see the class docstring)
+        self.parallel_min_ids: int = self.PARALLEL_MIN_IDS
 
-    def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def _check(self, values: torch.Tensor, starts: list[int]) -> None:
+        f = first_feature_out_of_range(values, starts, self.feature_rows, self.min_rows)
+        if f >= 0:
+            ids = values[starts[f] : starts[f + 1]]
+            bad = ((ids < 0) | (ids >= self.feature_rows[f])).nonzero()
+            message = "id {} of feature '{}' is outside its table's {} rows (table '{}')"
+            raise DataError(
+                message.format(
+                    int(ids[int(bad[0, 0])]), self.feature_names[f],
+                    self.feature_rows[f], self.table_names[f],
+                )  # fmt: skip
+            )
+
+    @torch.jit.export
+    def lookup(
+        self, values: torch.Tensor, offsets: torch.Tensor, threads: int, check: bool
+    ) -> torch.Tensor:
+        """forward with the ids range-checked first if `check`, and the parts run as parallel
+        tasks when `threads` > 1 and the batch is large enough."""
+        batch = (offsets.shape[0] - 1) // self.num_features
+        if batch == 0:
+            return torch.zeros(0, self.out_dim, dtype=torch.float32)
+        starts: list[int] = offsets[0::batch].tolist()
+        if check:
+            self._check(values, starts)
+        if len(self.parts) == 1:
+            for part in self.parts:
+                return part(values, offsets)
+        forked = threads > 1 and values.numel() >= self.parallel_min_ids
+        futures: list[torch.jit.Future[torch.Tensor]] = []
+        outs: list[torch.Tensor] = []
+        for i in range(1 if forked else 0, len(self.part_firsts) - 1):
+            if forked:  # parts 1.. as tasks; part 0 runs here once they are handed out
+                futures.append(torch.jit.fork(self._part, i, values, offsets, starts, batch))
+            else:
+                outs.append(self._part(i, values, offsets, starts, batch))
+        if forked:
+            outs.append(self._part(0, values, offsets, starts, batch))
+        for future in futures:
+            outs.append(torch.jit.wait(future))
+        return torch.cat(outs, dim=1)
+
+    def _part(
+        self, i: int, values: torch.Tensor, offsets: torch.Tensor, starts: list[int], batch: int
+    ) -> torch.Tensor:
+        """Part i's lookups: its features' ids and bag offsets, sliced out of the input."""
+        first, last = self.part_firsts[i], self.part_firsts[i + 1]
+        part_values = values[starts[first] : starts[last]]
+        part_offsets = offsets[first * batch : last * batch + 1] - starts[first]
+        out = torch.zeros(0)
+        for j, part in enumerate(self.parts):  # a ModuleList takes constant indices only
+            if j == i:
+                out = part(part_values, part_offsets)
+        return out
+
+    @torch.jit.unused
+    def _eager_forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """forward, in eager mode: the ids checked here (DataError), then the scripted copy's
+        lookup on torch's thread count (its per-call overhead is a third of the TBE's Python
+        forward: ~12 us against ~30 us for 26 tables at batch 1)."""
         batch = (offsets.shape[0] - 1) // self.num_features
         if batch > 0:
-            starts: list[int] = offsets[0::batch].tolist()
-            f = first_feature_out_of_range(values, starts, self.feature_rows, self.min_rows)
-            if f >= 0:
-                ids = values[starts[f] : starts[f + 1]]
-                bad = ((ids < 0) | (ids >= self.feature_rows[f])).nonzero()
-                message = "id {} of feature '{}' is outside its table's {} rows (table '{}')"
-                raise DataError(
-                    message.format(
-                        int(ids[int(bad[0, 0])]), self.feature_names[f],
-                        self.feature_rows[f], self.table_names[f],
-                    )  # fmt: skip
-                )
-        return self.tbe(values, offsets)
+            self._check(values, offsets[0::batch].tolist())
+        return self.scripted_copy().lookup(values, offsets, torch.get_num_threads(), False)
+
+    def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            return self._eager_forward(values, offsets)
+        return self.lookup(values, offsets, self.threads, True)
+
+
+def split_runs(sizes: list[int], parts: int) -> list[int]:
+    """How many consecutive items each of at most `parts` runs takes, balancing the sums of
+    `sizes` (e.g. tables' feature counts) across runs; no run is empty."""
+    parts = max(1, min(parts, len(sizes)))
+    total, counts, done, taken = sum(sizes), [], 0, 0
+    for k in range(1, parts + 1):
+        start = taken
+        # extend the run until it reaches its share (leaving one item for each run after it)
+        while taken < len(sizes) - (parts - k) and (taken == start or done * parts < total * k):
+            done += sizes[taken]
+            taken += 1
+        counts.append(taken - start)
+    counts[-1] += len(sizes) - taken
+    return counts
 
 
 class _NBitTable(torch.nn.Module):
@@ -265,7 +381,7 @@ class _NBitTable(torch.nn.Module):
         self.feature_names = list(feature_names)
 
 
-class RowwiseNBitBagCollection(torch.nn.Module):
+class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
     """Pooled lookups of 4-bit / 2-bit row-wise tables with ATen's
     `quantized::embedding_bag_{4,2}bit_rowwise_offsets`, one call per table (CPU).
 
@@ -305,12 +421,9 @@ class RowwiseNBitBagCollection(torch.nn.Module):
     # Batches with fewer ids run on one thread: a fork (and waking a pool thread) costs more than
     # it saves there (measured on 2 cores: slower at 33k ids, 1.3x faster at 66k, 1.4x at 266k).
     PARALLEL_MIN_IDS = 65536
-    # Eager calls run a TorchScript copy of this module (`_scripted`, made on first use, and
-    # again after an attribute of this module is set; it shares the tables, nothing is copied):
-    # its per-table overhead is ~2 us against ~5 us for the Python loop, which matters at small
-    # batches (26 tables at batch 1: ~50 us vs ~130 us). That copy is no part of the module's
-    # state, and scripting the module leaves it out.
-    __jit_ignored_attributes__ = ["_scripted"]
+    # Eager calls run the module's TorchScript copy (ScriptedCopy): its per-table overhead is
+    # ~2 us against ~5 us for the Python loop, which matters at small batches (26 tables at
+    # batch 1: ~50 us vs ~130 us), and its tasks run in parallel.
 
     def __init__(self, tables: list[_NBitTable], num_features: int) -> None:
         super().__init__()
@@ -352,7 +465,6 @@ class RowwiseNBitBagCollection(torch.nn.Module):
         self.register_buffer(
             "table_first", torch.tensor(table_first, dtype=torch.int64), persistent=False
         )
-        self._scripted: Any = None
 
     @classmethod
     def from_tables(
@@ -433,12 +545,8 @@ class RowwiseNBitBagCollection(torch.nn.Module):
     def _eager_forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """forward, in eager mode: the scripted copy's `lookup` on torch's intra-op thread count,
         with its refusals as DataError."""
-        scripted = self._scripted
-        if scripted is None:
-            # in __dict__, not registered as a submodule (setattr would register a Module)
-            scripted = self.__dict__["_scripted"] = torch.jit.script(self)
         try:
-            return scripted.lookup(values, offsets, torch.get_num_threads())
+            return self.scripted_copy().lookup(values, offsets, torch.get_num_threads())
         except (torch.jit.Error, RuntimeError) as e:  # RuntimeError: resumed after a fork
             if "embq.errors.DataError" not in str(e):
                 raise
@@ -446,16 +554,6 @@ class RowwiseNBitBagCollection(torch.nn.Module):
             raise DataError(
                 self._out_of_range(values, offsets[0::batch].tolist())
             ) from None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_scripted"] = None  # copies and pickles script themselves again
-        return state
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name != "_scripted" and self.__dict__.get("_scripted") is not None:
-            self.__dict__["_scripted"] = None  # re-scripted on the next call, with the change
 
     def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Pooled lookups (see the class docstring). Eager calls spread the tables over
@@ -692,11 +790,17 @@ def build_embedding_bags(
             alignment = tbe_row_alignment(int(t.codes.shape[1]), kernel)
             tbe_groups.setdefault((t.pooling, alignment), []).append(t)
     for (pooling, alignment), tbe in sorted(tbe_groups.items()):
+        # one TBE per torch thread (see CheckedTBE), over runs of consecutive tables
+        runs = split_runs([len(t.feature_names) for t in tbe], torch.get_num_threads())
+        bounds = np.concatenate([[0], np.cumsum(runs)])
+        groups = [tbe[bounds[k] : bounds[k + 1]] for k in range(len(runs))]
         checked = CheckedTBE(
-            build_tbe(tbe, pooling, alignment),
+            [build_tbe(g, pooling, alignment) for g in groups],
+            [sum(len(t.feature_names) for t in g) for g in groups],
             [f for t in tbe for f in t.feature_names],
             [t.name for t in tbe for _ in t.feature_names],
             [t.rows for t in tbe for _ in t.feature_names],
+            [t.dim for t in tbe for _ in t.feature_names],
         )
         kernels.append((checked, tbe, False))
     codebook = [t for t in tables if served_by[t.name] == KERNEL_CODEBOOK]

@@ -94,11 +94,11 @@ def test_nbit_kernels_pool_like_float64_reference(name: str, pooling: str):
         if kernel == "compact":
             assert [type(g.kernel) for g in bags.groups] == [RowwiseNBitBagCollection]
         else:  # one TBE per row alignment: a TBE pads all its rows alike
-            tbes = [g.kernel.tbe for g in bags.groups]
+            tbes = [part for g in bags.groups for part in g.kernel.parts]
             names = {type(t).__name__ for t in tbes}
             assert names == {"IntNBitTableBatchedEmbeddingBagsCodegen"}
-            want_alignments = sorted(set(padded)) if kernel == "auto" else [1]
-            assert sorted(t.row_alignment for t in tbes) == want_alignments
+            want_alignments = set(padded) if kernel == "auto" else {1}
+            assert {t.row_alignment for t in tbes} == want_alignments
             held = sum(t.weights_host.numel() for t in tbes)
             rows_bytes = padded if kernel == "auto" else row_bytes
             want_held = sum(t.rows * b for t, b in zip(tables, rows_bytes))
@@ -193,6 +193,57 @@ def test_range_check_with_tables_of_different_sizes(kernel: str, vector_check_id
     ok = values.clone()
     ok[f1] = 299  # in range for f1's own (TBE) table, above the n-bit tables' smallest
     torch.testing.assert_close(scripted(ok, offsets), bags(ok, offsets), atol=0, rtol=0)
+
+
+def test_split_runs_balances_consecutive_items():
+    from embq.runtime import split_runs
+
+    assert split_runs([1] * 26, 2) == [13, 13]
+    assert split_runs([1] * 26, 3) == [9, 9, 8]
+    assert split_runs([1] * 5, 8) == [1] * 5  # never an empty run
+    assert split_runs([3, 1, 1, 1], 2) == [1, 3]
+    assert split_runs([1, 1, 1, 3], 2) == [3, 1]
+    assert split_runs([2], 4) == [1] and split_runs([1] * 7, 1) == [7]
+
+
+def test_tbe_parts_spread_over_threads_with_the_same_result():
+    """Loaded under 3 torch threads, 5 int4 tables of one size become 3 TBEs (one per thread);
+    eager (parts in turn or forked) and scripted lookups equal one TBE's, bit for bit, and an
+    id out of range in the last part is still refused."""
+    from embq.runtime import build_embedding_bags
+    from embq.torchrec import find_tables, quantize_tables
+
+    tables = quantize_tables(find_tables(_ebc([64] * 5, ["SUM"] * 5, seed=21)), "int4")
+    kjt = _bags([f"f{i}" for i in range(5)], seed=22, batch=64)
+    values, offsets = kjt.values(), kjt.offsets()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        (single,) = build_embedding_bags(tables).groups
+        assert len(single.kernel.parts) == 1
+        want = single.kernel(values, offsets)
+        torch.set_num_threads(3)
+        (group,) = build_embedding_bags(tables).groups
+        kernel = group.kernel
+        assert [p.weights_host.numel() > 0 for p in kernel.parts] == [True] * 3
+        assert kernel.part_firsts == [0, 2, 4, 5]
+        in_turn = kernel(values, offsets)  # fewer ids than parallel_min_ids: no fork
+        kernel.parallel_min_ids = 0  # (the eager calls' scripted copy is made again)
+        forked = kernel(values, offsets)
+        assert kernel._scripted.parallel_min_ids == 0
+        scripted = torch.jit.script(kernel)
+        scripted.threads = 3
+        bad = values.clone()
+        bad[int(offsets[4 * 64]) + 1] = 300  # f4's second id: the last part's
+        with pytest.raises(DataError, match="id 300 of feature 'f4'"):
+            kernel(bad, offsets)
+        with pytest.raises(torch.jit.Error, match="DataError: id 300 .*'f4'"):
+            scripted(bad, offsets)
+    finally:
+        torch.set_num_threads(threads)
+    for got in (in_turn, forked, scripted(values, offsets)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    _assert_pooled(_split(want, tables), _reference(tables, kjt))
 
 
 def test_nbit_kernel_spreads_tables_over_threads_with_the_same_result():
@@ -312,7 +363,7 @@ def test_mixed_kernels_interleaved_features_and_tables_stay_compressed():
         held = 0
         for g, k in zip(bags.groups, expected):
             if k == "fbgemm-tbe":
-                held += g.kernel.tbe.weights_host.numel()
+                held += sum(part.weights_host.numel() for part in g.kernel.parts)
             elif k == "aten-nbit":
                 held += sum(t.weight.numel() for t in g.kernel.tables)
             else:
