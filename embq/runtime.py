@@ -40,9 +40,11 @@
 
 The feature order, table sizes and formats are in the file's extra file "embq_metadata.json"
 (`torch.jit.load(path, _extra_files={"embq_metadata.json": ""})`) and in `inference_metadata`.
-A scripted module cannot read torch's thread count: its n-bit lookups run on one thread unless
-told otherwise, e.g. `for g in m.embeddings.groups.children(): if hasattr(g.kernel, "threads"):
-g.kernel.threads = 2` (eager models follow torch.get_num_threads()).
+A scripted module cannot read torch's thread count: its lookups run on one thread unless told
+otherwise, e.g. `for g in m.embeddings.groups.children(): if hasattr(g.kernel, "threads"):
+g.kernel.threads = 2` (eager models follow torch.get_num_threads()). TBE tables are split into
+one TBE per torch thread when the model is loaded (`CheckedTBE`): export under the thread count
+the server will use.
 """
 
 from __future__ import annotations
