@@ -74,6 +74,10 @@ KERNEL_NBIT = "aten-nbit"  # ATen quantized::embedding_bag_{4,2}bit_rowwise_offs
 KERNEL_CODEBOOK = "codebook-bag"  # embq.codebook_bag
 CACHE_LINE = 64  # bytes: x86-64 and most ARM server cores
 TBE_ROW_ALIGNMENT = 1  # fbgemm's default for the CPU TBE: rows unpadded
+# Lookup kernels that spread their tables over threads do so for batches of at least this many
+# ids: below it a fork (and waking a pool thread) costs more than it saves (n-bit kernel measured
+# on 2 cores: slower at 33k ids, 1.3x faster at 66k, 1.4x at 266k).
+PARALLEL_MIN_IDS = 65536
 
 
 def check_kernel_choice(kernel: str) -> str:
@@ -187,6 +191,15 @@ def first_feature_out_of_range(
     return -1
 
 
+def id_out_of_range_message(ids: torch.Tensor, rows: int, feature: str, table: str) -> str:
+    """The message naming the first of one feature's `ids` outside [0, rows), or "" if none is."""
+    bad = ((ids < 0) | (ids >= rows)).nonzero()
+    if bad.numel() == 0:
+        return ""
+    message = "id {} of feature '{}' is outside its table's {} rows (table '{}')"
+    return message.format(int(ids[int(bad[0, 0])]), feature, rows, table)
+
+
 class ScriptedCopy:
     """Mixin for modules whose eager calls run a TorchScript copy of themselves
     (`scripted_copy()`: made on first use, and again after an attribute of the module is set;
@@ -234,9 +247,6 @@ class CheckedTBE(ScriptedCopy, torch.nn.Module):
     features (`feature_names`, key-major) in order.
     """
 
-    # Batches with fewer ids run the parts one after the other (as RowwiseNBitBagCollection).
-    PARALLEL_MIN_IDS = 65536
-
     def __init__(
         self, parts: list[torch.nn.Module], part_features: list[int], feature_names: list[str],
         table_names: list[str], feature_rows: list[int], feature_dims: list[int],
@@ -253,19 +263,16 @@ class CheckedTBE(ScriptedCopy, torch.nn.Module):
         self.num_features: int = len(self.feature_rows)
         self.out_dim: int = int(sum(feature_dims))
         self.threads: int = 1  # tasks of a scripted forward (see the class docstring)
-        self.parallel_min_ids: int = self.PARALLEL_MIN_IDS
+        self.parallel_min_ids: int = PARALLEL_MIN_IDS
 
     def _check(self, values: torch.Tensor, starts: list[int]) -> None:
         f = first_feature_out_of_range(values, starts, self.feature_rows, self.min_rows)
         if f >= 0:
             ids = values[starts[f] : starts[f + 1]]
-            bad = ((ids < 0) | (ids >= self.feature_rows[f])).nonzero()
-            message = "id {} of feature '{}' is outside its table's {} rows (table '{}')"
             raise DataError(
-                message.format(
-                    int(ids[int(bad[0, 0])]), self.feature_names[f],
-                    self.feature_rows[f], self.table_names[f],
-                )  # fmt: skip
+                id_out_of_range_message(
+                    ids, self.feature_rows[f], self.feature_names[f], self.table_names[f]
+                )
             )
 
     @torch.jit.export
@@ -420,9 +427,6 @@ class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
     # At most this many ids are range-checked with one per-id comparison (it materializes a
     # limit per id); more are checked with a min / max per table.
     VECTOR_CHECK_IDS = 16384
-    # Batches with fewer ids run on one thread: a fork (and waking a pool thread) costs more than
-    # it saves there (measured on 2 cores: slower at 33k ids, 1.3x faster at 66k, 1.4x at 266k).
-    PARALLEL_MIN_IDS = 65536
     # Eager calls run the module's TorchScript copy (ScriptedCopy): its per-table overhead is
     # ~2 us against ~5 us for the Python loop, which matters at small batches (26 tables at
     # batch 1: ~50 us vs ~130 us), and its tasks run in parallel.
@@ -437,7 +441,7 @@ class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
         self.out_dim: int = sum(t.count * t.dim for t in tables)
         self.any_mean: bool = any(t.mean for t in tables)
         self.vector_check_ids: int = self.VECTOR_CHECK_IDS
-        self.parallel_min_ids: int = self.PARALLEL_MIN_IDS
+        self.parallel_min_ids: int = PARALLEL_MIN_IDS
         self.threads: int = 1  # tasks of a scripted forward (see forward)
         # Per table, as lists: TorchScript loops over them with a real loop (a ModuleList loop
         # is unrolled, and the executor's first runs of a 26-fold unrolled graph take seconds).
@@ -502,16 +506,14 @@ class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
         for i in range(len(self.weights)):
             for j in range(self.table_counts[i]):
                 f = self.table_firsts[i] + j
-                ids = values[starts[f] : starts[f + 1]]
-                bad = ((ids < 0) | (ids >= self.table_rows[i])).nonzero()
-                if bad.numel() > 0:
-                    message = "id {} of feature '{}' is outside its table's {} rows (table '{}')"
-                    return message.format(
-                        int(ids[int(bad[0, 0])]),
-                        self.feature_names[f],
-                        self.table_rows[i],
-                        self.table_names[i],
-                    )
+                message = id_out_of_range_message(
+                    values[starts[f] : starts[f + 1]],
+                    self.table_rows[i],
+                    self.feature_names[f],
+                    self.table_names[i],
+                )
+                if message:
+                    return message
         negative = (values < 0).nonzero()  # in a feature another kernel serves
         if negative.numel() > 0:
             k = int(negative[0, 0])
