@@ -159,7 +159,7 @@ class CodebookBag(torch.nn.Module):
         else:
             sub = self._pq_rows(rows).t().contiguous()
         flat = sub.reshape(-1)  # sub-quantizer m's codes at m*n .. m*n+n-1
-        bag_starts = (self._sub_base.unsqueeze(1) >> self.nbits) * n + starts.unsqueeze(0)
+        bag_starts = torch.arange(self.m).unsqueeze(1) * n + starts.unsqueeze(0)
         pooled = torch.nn.functional.embedding_bag(
             flat, self.codebook, bag_starts.reshape(-1), mode="sum"
         )  # [M * B, dim / M], sub-quantizer-major
