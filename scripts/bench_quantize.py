@@ -13,8 +13,8 @@ the number of threads embq's searches use (torch's GREEDY op is serial).
 Quality, on Gaussian (sigma 0.1) and Student-t(3) (x 0.05) rows of dim 64, squared error vs
 float32 (worst of the two distributions where one figure is reported):
   - GREEDY bytes identical to ATen at 4 and 2 bits;
-  - int{4,2}-opt vs GREEDY, and vs the exhaustive grid search (`rowwise.exhaustive_ranges`);
-  - cb4-row vs int4-greedy, and vs the exact 1-D k-means DP (`codebook.kmeans1d_exact`);
+  - int{4,2}-opt vs GREEDY, and vs the exhaustive grid search (`exhaustive_ranges`);
+  - cb4-row vs int4-greedy, and vs the exact 1-D k-means DP (`kmeans1d_exact`);
   - cb4-shared vs int4-greedy, and PQ (pq32x4, pq16x8) vs int2, with bytes per row.
 
 Prints a table, then (last line) one JSON object with the figures.
@@ -33,12 +33,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clean clone
 
+import fbgemm_gpu  # noqa: E402, F401  (registers torch.ops.fbgemm)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import fbgemm_gpu  # noqa: E402, F401  (registers torch.ops.fbgemm)
-from embq import codebook, rowwise  # noqa: E402
-from embq.formats import get_format  # noqa: E402
+from embq.embedding.compiled import kernel_engine  # noqa: E402
+from embq.embedding.opt_search import opt_ranges  # noqa: E402
+from embq.embedding.parallel import kernel_threads  # noqa: E402
+from embq.embedding.registry import get_format  # noqa: E402
+from embq.embedding.rowwise import row_sse  # noqa: E402
+from tests.reference import exhaustive_ranges, kmeans1d_exact  # noqa: E402
 
 F32 = np.float32
 
@@ -126,10 +130,10 @@ def quality(n_search: int, n_table: int) -> dict:
         # references on a smaller sample: the exhaustive grid search and the exact DP
         s = x[:n_search]
         for bits in (4, 2):
-            _, _, exh = rowwise.exhaustive_ranges(s, bits)
-            ours = rowwise.row_sse(s, *rowwise.opt_ranges(s, bits), bits)
+            _, _, exh = exhaustive_ranges(s, bits)
+            ours = row_sse(s, *opt_ranges(s, bits), bits)
             r[f"opt_vs_exhaustive_{bits}"] = float(ours.sum() / exh.sum())
-        exact, _ = codebook.kmeans1d_exact(s)
+        exact, _ = kmeans1d_exact(s)
         cb = get_format("cb4-row")
         r["cb4_row_vs_exact"] = sse_rows(s, cb.decode(cb.encode(s), None, d)) / float(exact.sum())
         res[kind] = r
@@ -148,8 +152,8 @@ def main() -> None:
     rows_main = dict(sizes)[64] if 64 in dict(sizes) else sizes[0][0]
 
     print(f"embq quantize benchmark ({'quick' if args.quick else 'full'}; {os.cpu_count()} cores; "
-          f"torch {torch.__version__}; embq kernels: {rowwise.kernel_engine()}, "
-          f"{rowwise.kernel_threads()} threads); rows/s, best of {repeats}")
+          f"torch {torch.__version__}; embq kernels: {kernel_engine()}, "
+          f"{kernel_threads()} threads); rows/s, best of {repeats}")
     hdr = (f"{'rows':>6} {'dim':>4} | {'torch g4':>9} {'embq g4':>9} {'x':>5} {'ident':>5} | "
            f"{'torch g2':>9} {'embq g2':>9} {'x':>5} {'ident':>5} | {'embq opt4':>9} {'x':>5} | "
            f"{'fbgemm mm4':>10} {'embq mm4':>9}")
@@ -181,7 +185,7 @@ def main() -> None:
     figures = {
         "dim": 64,
         "rows": rows_main,
-        "threads": rowwise.kernel_threads(),
+        "threads": kernel_threads(),
         "embq_int4_greedy_rows_per_s": round(s64["embq_int4_greedy_rows_per_s"]),
         "torch_int4_greedy_rows_per_s": round(s64["torch_int4_greedy_rows_per_s"]),
         "speedup_int4_greedy": round(s64["embq_int4_greedy_rows_per_s"] / s64["torch_int4_greedy_rows_per_s"], 2),

@@ -84,8 +84,8 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
 
 def check_sample(table: Path, artifact: Path, format_name: str, n: int = 4096) -> None:
     """Compare n random output rows with the format's one-shot encode of the same input rows."""
-    from embq.artifact import load_artifact
-    from embq.formats import get_format
+    from embq.artifact.reader import load_artifact
+    from embq.embedding.registry import get_format
 
     src = np.load(table, mmap_mode="r")
     art = load_artifact(artifact, verify=True)

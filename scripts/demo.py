@@ -26,14 +26,13 @@ import os  # noqa: E402
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch + faiss OpenMP pools on 2 cores
 
-from embq.cli_quantize import quantize_model_dir  # noqa: E402
+from embq.cli.quantize import quantize_model_dir  # noqa: E402
 from embq.data.prepared import PreparedData, ids_to_kjt  # noqa: E402
 from embq.data.preprocess import prepare_criteo  # noqa: E402
 from embq.data.synth import write_synthetic  # noqa: E402
-from embq.model import save_model  # noqa: E402
-from embq.report import format_markdown, quality_table  # noqa: E402
-from embq.train import TrainSettings, train_dlrm  # noqa: E402
-
+from embq.models.dlrm import save_model  # noqa: E402
+from embq.models.train import TrainSettings, train_dlrm  # noqa: E402
+from embq.report.quality import format_markdown, quality_table  # noqa: E402
 
 QUANT_FORMATS = ["int8", "int4", "int4-greedy", "int4-opt", "cb4-row", "cb4-shared", "pq8x8",
                  "int2", "int2-greedy", "int2-opt"]
@@ -52,7 +51,7 @@ def score_over_http(artifact: Path, data: PreparedData, rows: int = 16) -> dict:
     import httpx
     import torch
 
-    from embq.runtime import load_inference_model
+    from embq.runtime.load import load_inference_model
 
     port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "embq-serve"), str(artifact),

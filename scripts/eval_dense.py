@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from embq.dense import CalibrationCache, QuantizedDLRMTowers, quantize
-from embq.dense.calibration import logits
-from embq.metrics import click_metrics
+from embq.dense.core.calibration import logits
+from embq.models.metrics import click_metrics
 
 VALID_FRACTION = 0.1
 
@@ -46,8 +46,8 @@ def build_criteo(workdir: Path, rows: int, seed: int) -> tuple[Path, Path]:
     from embq.data.prepared import PreparedData
     from embq.data.preprocess import prepare_criteo
     from embq.data.synth import write_synthetic
-    from embq.model import save_model
-    from embq.train import TrainSettings, train_dlrm
+    from embq.models.dlrm import save_model
+    from embq.models.train import TrainSettings, train_dlrm
 
     root = workdir / "criteo"
     model_dir, data_dir = root / "model", root / "prepared"
@@ -71,8 +71,8 @@ def build_criteo(workdir: Path, rows: int, seed: int) -> tuple[Path, Path]:
 def build_movielens(workdir: Path, seed: int) -> tuple[Path, Path]:
     from embq.data.movielens import prepare_movielens
     from embq.data.prepared import PreparedData
-    from embq.model import save_model
-    from embq.train import TrainSettings, train_dlrm
+    from embq.models.dlrm import save_model
+    from embq.models.train import TrainSettings, train_dlrm
 
     root = workdir / "movielens"
     model_dir, data_dir = root / "model", root / "prepared"
@@ -172,7 +172,7 @@ def evaluate_dataset(
     prefix: str, label: str, model_dir: Path, data_dir: Path, args, results: dict, row_losses: dict
 ) -> list[dict]:
     from embq.data.prepared import PreparedData
-    from embq.model import load_model
+    from embq.models.dlrm import load_model
 
     model, _ = load_model(model_dir)
     data = PreparedData(data_dir)

@@ -1,7 +1,8 @@
 """Small helpers shared by several test files."""
 
+from embq.embedding.formats import TableFormat
+from embq.embedding.registry import format_names, get_format
 from embq.errors import EmbqError
-from embq.formats import TableFormat, format_names, get_format
 
 
 def codebook_format(dim: int) -> str | None:

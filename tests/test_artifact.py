@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from embq.artifact import ArtifactWriter, load_artifact, read_safetensors_header, sha256_file
+from embq.artifact.reader import load_artifact
+from embq.artifact.safetensors_io import read_safetensors_header, sha256_file
+from embq.artifact.writer import ArtifactWriter
+from embq.embedding.registry import get_format
 from embq.errors import ArtifactError
-from embq.formats import get_format
 from tests.helpers import codebook_format
 
 ROWS, DIM = 300, 16

@@ -9,9 +9,11 @@ import itertools
 import numpy as np
 import pytest
 
-from embq import codebook, rowwise
+from embq.embedding.codebook import kmeans1d_dp
+from embq.embedding.packing import unpack_codes
+from embq.embedding.registry import get_format
 from embq.errors import FormatError
-from embq.formats import get_format
+from tests.reference import kmeans1d_exact
 
 F32 = np.float32
 
@@ -46,7 +48,7 @@ def brute_kmeans1d(v: np.ndarray, k: int) -> float:
 def test_dp_matches_brute_force() -> None:
     x = make("gauss", 12, d=9, seed=1)
     for k in (2, 3, 4):
-        got, cents = codebook.kmeans1d_exact(x, k)
+        got, cents = kmeans1d_exact(x, k)
         ref = np.array([brute_kmeans1d(r, k) for r in x])
         np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-15)
         assert np.all(np.diff(cents, axis=1) >= 0)
@@ -56,7 +58,7 @@ def test_dp_never_loses_to_faiss_kmeans() -> None:
     import faiss
 
     x = make("student_t", 8, seed=2)
-    dp, _ = codebook.kmeans1d_exact(x, 16)
+    dp, _ = kmeans1d_exact(x, 16)
     for r in range(len(x)):
         km = faiss.Kmeans(1, 16, niter=50, nredo=5, seed=r)
         km.cp.min_points_per_centroid = 1
@@ -69,8 +71,8 @@ def test_dp_never_loses_to_faiss_kmeans() -> None:
 def test_banded_dp_is_exact_on_typical_rows() -> None:
     for kind in ("gauss", "student_t", "trained"):
         x = make(kind, 120, seed=3)
-        full, _ = codebook.kmeans1d_exact(x)
-        band, _ = codebook.kmeans1d_dp(x, 16, band=24)
+        full, _ = kmeans1d_exact(x)
+        band, _ = kmeans1d_dp(x, 16, band=24)
         np.testing.assert_allclose(band, full, rtol=1e-9, atol=1e-15)
 
 
@@ -86,7 +88,7 @@ def row_cb() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def test_cb4_row_within_2pct_of_exact_optimum(row_cb) -> None:
     for kind, (x, y) in row_cb.items():
-        opt, _ = codebook.kmeans1d_exact(x)
+        opt, _ = kmeans1d_exact(x)
         assert sse(x, y) <= 1.02 * opt.sum(), kind
 
 
@@ -103,7 +105,7 @@ def test_cb4_row_layout() -> None:
     assert c.shape == (5, 8 // 2 + 32)
     cents = np.ascontiguousarray(c[:, 4:]).view("<f2").astype(F32)
     assert np.all(np.diff(cents, axis=1) >= 0)
-    codes = rowwise.unpack_codes(c[:, :4], 4, 8)
+    codes = unpack_codes(c[:, :4], 4, 8)
     np.testing.assert_array_equal(fmt.decode(c, None, 8), np.take_along_axis(cents, codes.astype(int), 1))
     # a row with <= 16 distinct values is stored exactly (they are fp16 values here)
     v = np.linspace(-1, 1, 16).astype(np.float16).astype(F32)

@@ -17,11 +17,11 @@ from embq.dense import (
     save_quantized,
     to_tensors,
 )
-from embq.dense.calibration import logits
+from embq.dense.core.calibration import logits
 from embq.dense.serialize import pack_codes, unpack_codes
-from embq.dense.toy import toy_batches, toy_dlrm
 from embq.errors import ArtifactError, ConfigError
-from embq.metrics import click_metrics
+from embq.models.metrics import click_metrics
+from tests.toy import toy_batches, toy_dlrm
 
 FAST = {
     "rtn": {},
@@ -197,9 +197,9 @@ def test_save_load_and_refusals(toy, quantized, tmp_path):
 
 
 def test_cli_quantize_dense(toy, tmp_path, capsys):
-    from embq.cli_dense import add_parser
-    from embq.dense.toy import toy_config
-    from embq.model import save_model
+    from embq.cli.quantize_dense import add_parser
+    from embq.models.dlrm import save_model
+    from tests.toy import toy_config
 
     model, batches, _, _ = toy
     save_model(model, toy_config(), tmp_path / "model")
@@ -264,12 +264,14 @@ def test_cli_quantize_dense(toy, tmp_path, capsys):
 
 
 def test_plugs_into_the_artifact(toy, quantized, tmp_path):
-    artifact = pytest.importorskip("embq.artifact")
+    from embq.artifact.reader import load_artifact
+    from embq.artifact.writer import ArtifactWriter
+
     model, _, _, held_out = toy
     q = quantized[("brecq", 4, 4)]
-    with artifact.ArtifactWriter(tmp_path / "model.embq") as w:
+    with ArtifactWriter(tmp_path / "model.embq") as w:
         w.add_dense(*to_tensors(q))
         w.publish()
-    art = artifact.load_artifact(tmp_path / "model.embq")
+    art = load_artifact(tmp_path / "model.embq")
     back = from_tensors(art.dense(), art.dense_meta, model)
     assert torch.equal(logits(back, held_out), logits(q, held_out))

@@ -6,17 +6,23 @@ import math
 import pytest
 import torch
 
-from embq.dense.brecq import AdaRound, LinearTempDecay, adaround_loss, fisher_weights, run_brecq
-from embq.dense.calibration import (
+from embq.dense.core.calibration import (
     CalibrationCache,
     DenseQuantConfig,
     attach_quantizers,
     logits,
     quant_disabled,
 )
-from embq.dense.fakequant import QuantizedDLRMTowers, QuantLinear, WeightQuantizer
-from embq.dense.quantizers import QuantSpec
-from embq.dense.toy import toy_dlrm
+from embq.dense.core.fakequant import QuantizedDLRMTowers, QuantLinear, WeightQuantizer
+from embq.dense.core.quantizers import QuantSpec
+from embq.dense.methods.brecq import (
+    AdaRound,
+    LinearTempDecay,
+    adaround_loss,
+    fisher_weights,
+    run_brecq,
+)
+from tests.toy import toy_dlrm
 
 W = [[0.26, -0.13, 0.5], [0.04, 0.31, -0.47]]
 # with scale 0.1: W / s = [[2.6, -1.3, 5.0], [0.4, 3.1, -4.7]]

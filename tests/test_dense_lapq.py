@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from embq.dense.calibration import (
+from embq.dense.core.calibration import (
     CalibrationCache,
     DenseQuantConfig,
     attach_quantizers,
@@ -12,10 +12,10 @@ from embq.dense.calibration import (
     layer_inputs,
     quant_disabled,
 )
-from embq.dense.fakequant import QuantizedDLRMTowers
-from embq.dense.lapq import ClipVariable, LapqObjective, run_lapq
-from embq.dense.observers import minmax_range
-from embq.dense.toy import toy_dlrm
+from embq.dense.core.fakequant import QuantizedDLRMTowers
+from embq.dense.core.observers import minmax_range
+from embq.dense.methods.lapq import ClipVariable, LapqObjective, run_lapq
+from tests.toy import toy_dlrm
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embq.dense.calibration import CalibrationCache, DenseQuantConfig
-from embq.dense.fakequant import QuantizedDLRMTowers, QuantLinear
-from embq.dense.multipoint import MultipointLinear, best_point, multipoint_layer, run_multipoint
-from embq.dense.toy import toy_dlrm
+from embq.dense.core.calibration import CalibrationCache, DenseQuantConfig
+from embq.dense.core.fakequant import QuantizedDLRMTowers, QuantLinear
+from embq.dense.methods.multipoint import (
+    MultipointLinear,
+    best_point,
+    multipoint_layer,
+    run_multipoint,
+)
+from tests.toy import toy_dlrm
 
 
 def brute_force_point(r: np.ndarray, bits: int) -> float:

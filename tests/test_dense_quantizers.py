@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from embq.dense.observers import (
+from embq.dense.core.observers import (
     lp_range,
     max_mean_range,
     minmax_range,
     output_range,
     percentile_range,
 )
-from embq.dense.quantizers import QuantSpec, fake_quant, qparams, quantize, round_ste
+from embq.dense.core.quantizers import QuantSpec, fake_quant, qparams, quantize, round_ste
 from embq.errors import ConfigError
 
 

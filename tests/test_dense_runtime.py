@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from embq.artifact import load_artifact
-from embq.cli_quantize import quantize_model_dir
+from embq.artifact.reader import load_artifact
+from embq.cli.quantize import quantize_model_dir
 from embq.data.prepared import PreparedData
-from embq.model import load_model, save_model
-from embq.runtime import load_inference_model
-from embq.train import TrainSettings, train_dlrm
+from embq.models.dlrm import load_model, save_model
+from embq.models.train import TrainSettings, train_dlrm
+from embq.runtime.load import load_inference_model
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,8 @@ def held_out(data, rows=512):
 
 
 def test_w4a8_towers_run_with_their_dequantized_weights(trained, tmp_path):
-    from embq.dense.runtime_towers import load_towers
     from embq.dense.serialize import from_tensors
+    from embq.runtime.dense_towers import load_ptq_towers as load_towers
 
     model_dir, data = trained
     out = quantize_model_dir(model_dir, "fp32", tmp_path / "q.embq", dense="rtn:w4a8",

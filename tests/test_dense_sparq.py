@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from embq.dense.fakequant import ActQuantizer
-from embq.dense.quantizers import QuantSpec
-from embq.dense.sparq import SparqSpec, SparqStats, apply_windows, sparq_codes, window_table
+from embq.dense.core.fakequant import ActQuantizer
+from embq.dense.core.quantizers import QuantSpec
+from embq.dense.core.windows import SparqSpec, SparqStats, apply_windows, sparq_codes, window_table
 from embq.errors import ConfigError
 
 # (window bits, options) -> [(select if any of these bits is set, window mask)], last = fallback.
@@ -30,7 +30,7 @@ WIDE = {4: None, 3: (6, 3), 2: (4, 5)}  # a survivor's 2n-bit window (None: all 
 
 
 def ref_window(a: int, key: tuple[int, int], rnd: bool) -> int:
-    for select, mask in MASKS[key]:
+    for select, mask in MASKS[key]:  # noqa: B007  (mask is used after the loop)
         if select is None or a & select:
             break
     h = a & mask

@@ -3,13 +3,14 @@ that row-wise bytes are what fbgemm / ATen / TBE produce and read."""
 
 from __future__ import annotations
 
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import numpy as np
 import pytest
 import torch
 
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+from embq.embedding.formats import TableFormat
+from embq.embedding.registry import format_names, get_format
 from embq.errors import EmbqError, FormatError
-from embq.formats import TableFormat, format_names, get_format
 
 F32 = np.float32
 ALL = format_names()

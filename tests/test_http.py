@@ -37,8 +37,9 @@ def predictor(artifact):
 
 @pytest.fixture(scope="module")
 def client(predictor):
-    from embq_serving.http import Limits, create_app
     from fastapi.testclient import TestClient
+
+    from embq_serving.http import Limits, create_app
 
     with TestClient(create_app(predictor, Limits(**LIMITS))) as c:
         yield c

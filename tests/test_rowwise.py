@@ -4,12 +4,31 @@ compiled (numba) kernels also against the numpy reference implementations, bit f
 
 from __future__ import annotations
 
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import numpy as np
 import pytest
 import torch
 
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
-from embq import rowwise
+from embq.embedding import compiled
+from embq.embedding.compiled import compiled_kernels, kernel_engine
+from embq.embedding.fp16 import to_fp16
+from embq.embedding.greedy import greedy_loss_exact, greedy_ranges, greedy_ranges_numpy
+from embq.embedding.opt_search import opt_qparams, opt_qparams_numpy, opt_ranges, ranges_for_qparams
+from embq.embedding.packing import pack_codes, unpack_codes
+from embq.embedding.parallel import run_rows
+from embq.embedding.rowwise import (
+    decode_fused,
+    encode_ranges,
+    encode_ranges_numpy,
+    fused_row_bytes,
+    minmax_ranges,
+    qmax_of,
+    qparams,
+    row_extremes,
+    row_sse,
+    split_fused,
+)
+from tests.reference import exhaustive_ranges
 
 F32 = np.float32
 
@@ -57,43 +76,43 @@ def aten_prepack(x: np.ndarray, bits: int, optimized: bool, n_bins: int = 200, r
 @pytest.mark.parametrize("kind", KINDS)
 def test_minmax_bytes_match_fbgemm(kind: str, bits: int) -> None:
     x = make_rows(kind, n=200)
-    ours = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), bits)
+    ours = encode_ranges(x, *minmax_ranges(x), bits)
     ref = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(torch.from_numpy(x), bits)
-    assert ours.shape == (200, rowwise.fused_row_bytes(64, bits))
+    assert ours.shape == (200, fused_row_bytes(64, bits))
     np.testing.assert_array_equal(ours, ref.numpy())
 
 
 @pytest.mark.parametrize("bits", [4, 2])
 def test_minmax_bytes_match_aten_prepack(bits: int) -> None:
     x = make_rows("trained", n=200, d=96)
-    ours = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), bits)
+    ours = encode_ranges(x, *minmax_ranges(x), bits)
     np.testing.assert_array_equal(ours, aten_prepack(x, bits, optimized=False))
 
 
 def test_reference_byte_example() -> None:
     """The worked example of the reference doc: LSB-first nibbles, fp16 scale then bias."""
     x = np.array([[0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.5]], F32)
-    four = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), 4)
+    four = encode_ranges(x, *minmax_ranges(x), 4)
     assert four[0].tolist() == [16, 50, 84, 246, 0x66, 0x2E, 0, 0]
-    two = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), 2)
+    two = encode_ranges(x, *minmax_ranges(x), 2)
     assert two[0].tolist() == [64, 213, 0x00, 0x38, 0, 0]
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_decode_matches_fbgemm(bits: int) -> None:
     x = make_rows("student_t", n=200)
-    fused = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), bits)
+    fused = encode_ranges(x, *minmax_ranges(x), bits)
     ref = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(torch.from_numpy(fused), bits)
-    np.testing.assert_array_equal(rowwise.decode_fused(fused, bits, 64), ref.numpy())
+    np.testing.assert_array_equal(decode_fused(fused, bits, 64), ref.numpy())
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_pack_unpack_roundtrip(bits: int) -> None:
     rng = np.random.default_rng(1)
     codes = rng.integers(0, 1 << bits, (50, 40), dtype=np.uint8)
-    packed = rowwise.pack_codes(codes, bits)
+    packed = pack_codes(codes, bits)
     assert packed.shape == (50, 40 * bits // 8)
-    np.testing.assert_array_equal(rowwise.unpack_codes(packed, bits, 40), codes)
+    np.testing.assert_array_equal(unpack_codes(packed, bits, 40), codes)
     if bits == 4:  # element 0 in the low nibble
         np.testing.assert_array_equal(packed[:, 0], codes[:, 0] | (codes[:, 1] << 4))
 
@@ -103,8 +122,8 @@ def test_dequantization_error_float64(bits: int) -> None:
     """Against float64 math: unclipped values land within half a step of the decoded value,
     and the decoded value is the level of the nearest code."""
     x = make_rows("gauss", n=200)
-    fused = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), bits)
-    codes, scale, bias = rowwise.split_fused(fused, bits, 64)
+    fused = encode_ranges(x, *minmax_ranges(x), bits)
+    codes, scale, bias = split_fused(fused, bits, 64)
     s = scale.astype(np.float64)[:, None]
     b = bias.astype(np.float64)[:, None]
     u = (x.astype(np.float64) - b) / s
@@ -112,7 +131,7 @@ def test_dequantization_error_float64(bits: int) -> None:
     # float32 rounding may flip a code only where u sits (almost) on a half-integer
     flip = codes != expect
     assert np.all(np.abs(np.abs(u - np.floor(u)) - 0.5)[flip] < 1e-4)
-    err = np.abs(rowwise.decode_fused(fused, bits, 64).astype(np.float64) - x)
+    err = np.abs(decode_fused(fused, bits, 64).astype(np.float64) - x)
     top = b + s * ((1 << bits) - 1)
     inside = x.astype(np.float64) <= top + 1e-7
     assert np.all(err[inside] <= (0.5 + 1e-4) * np.broadcast_to(s, x.shape)[inside])
@@ -120,10 +139,10 @@ def test_dequantization_error_float64(bits: int) -> None:
 
 def test_constant_rows_scale_one() -> None:
     x = np.full((3, 16), 0.25, F32)
-    fused = rowwise.encode_ranges(x, *rowwise.minmax_ranges(x), 4)
-    codes, scale, bias = rowwise.split_fused(fused, 4, 16)
+    fused = encode_ranges(x, *minmax_ranges(x), 4)
+    codes, scale, bias = split_fused(fused, 4, 16)
     assert np.all(scale == 1.0) and np.all(bias == 0.25) and np.all(codes == 0)
-    np.testing.assert_array_equal(rowwise.decode_fused(fused, 4, 16), x)
+    np.testing.assert_array_equal(decode_fused(fused, 4, 16), x)
 
 
 def test_fp16_cast_matches_numpy() -> None:
@@ -134,7 +153,7 @@ def test_fp16_cast_matches_numpy() -> None:
     for arr in (v, ties, -ties):
         with np.errstate(over="ignore"):
             ref = arr.astype(np.float16)
-        np.testing.assert_array_equal(rowwise.to_fp16(arr).view(np.uint16), ref.view(np.uint16))
+        np.testing.assert_array_equal(to_fp16(arr).view(np.uint16), ref.view(np.uint16))
 
 
 # ------------------------------------------------------------------ GREEDY == ATen
@@ -146,7 +165,7 @@ def test_fp16_cast_matches_numpy() -> None:
 def test_greedy_bytes_identical_to_aten(kind: str, bits: int, dim: int) -> None:
     """The compiled GREEDY (the default path) against ATen's own op, byte for byte."""
     x = make_rows(kind, n=300, d=dim, seed=3 + dim)
-    ours = rowwise.encode_ranges(x, *rowwise.greedy_ranges(x, bits), bits)
+    ours = encode_ranges(x, *greedy_ranges(x, bits), bits)
     np.testing.assert_array_equal(ours, aten_prepack(x, bits, optimized=True))
 
 
@@ -158,15 +177,15 @@ def test_greedy_bytes_identical_to_aten_mixed_table() -> None:
     x = (x * np.exp(rng.uniform(-6, 5, (x.shape[0], 1)))).astype(F32)
     x = x[rng.permutation(x.shape[0])]
     for bits in (4, 2):
-        lo, hi = rowwise.greedy_ranges(x, bits, chunk=300)
-        ours = rowwise.encode_ranges(x, lo, hi, bits)
+        lo, hi = greedy_ranges(x, bits, chunk=300)
+        ours = encode_ranges(x, lo, hi, bits)
         np.testing.assert_array_equal(ours, aten_prepack(x, bits, True))
 
 
 @pytest.mark.parametrize("n_bins,ratio", [(100, 0.3), (50, 0.5)])
 def test_greedy_other_parameters(n_bins: int, ratio: float) -> None:
     x = make_rows("student_t", n=100, seed=4)
-    ours = rowwise.encode_ranges(x, *rowwise.greedy_ranges(x, 4, n_bins, ratio), 4)
+    ours = encode_ranges(x, *greedy_ranges(x, 4, n_bins, ratio), 4)
     np.testing.assert_array_equal(ours, aten_prepack(x, 4, True, n_bins, ratio))
 
 
@@ -174,18 +193,18 @@ def test_greedy_dims_and_chunks() -> None:
     """Other dims, and a table split into several chunks across threads."""
     for d in (8, 128):
         x = make_rows("gauss", n=80, d=d, seed=d)
-        ours = rowwise.encode_ranges(x, *rowwise.greedy_ranges(x, 4), 4)
+        ours = encode_ranges(x, *greedy_ranges(x, 4), 4)
         np.testing.assert_array_equal(ours, aten_prepack(x, 4, optimized=True))
     x = make_rows("trained", n=1500, seed=5)
-    lo, hi = rowwise.greedy_ranges(x, 4, chunk=256)
-    np.testing.assert_array_equal(rowwise.encode_ranges(x, lo, hi, 4), aten_prepack(x, 4, True))
+    lo, hi = greedy_ranges(x, 4, chunk=256)
+    np.testing.assert_array_equal(encode_ranges(x, lo, hi, 4), aten_prepack(x, 4, True))
 
 
 def test_greedy_exact_loss_order() -> None:
     """greedy_loss_exact sums in element order: equal to an explicit float32 loop."""
     x = make_rows("outlier", n=20, seed=6)
     lo, hi = x.min(axis=1) + F32(0.01), x.max(axis=1)
-    got = rowwise.greedy_loss_exact(np.ascontiguousarray(x.T), lo, hi, 4)
+    got = greedy_loss_exact(np.ascontiguousarray(x.T), lo, hi, 4)
     for r in range(20):
         b = F32(np.float16(lo[r]))
         s = F32(np.float16((hi[r] - b) / F32(15)))
@@ -202,9 +221,9 @@ def test_greedy_terminates_where_aten_would_not() -> None:
     """Near 1.0 with a ~1e-6 range the step is absorbed by float32 rounding: ATen's loop never
     ends there; ours stops when the position stops moving."""
     x = (1.0 + np.linspace(0, 1e-6, 16)).astype(F32)[None, :]
-    lo, hi = rowwise.greedy_ranges(x, 4)
+    lo, hi = greedy_ranges(x, 4)
     assert lo[0] >= x.min() and hi[0] <= x.max()
-    for fn in (rowwise.greedy_ranges, rowwise.greedy_ranges_numpy):
+    for fn in (greedy_ranges, greedy_ranges_numpy):
         lo, hi = fn(x, 4)
         assert lo[0] >= x.min() and hi[0] <= x.max()
 
@@ -220,8 +239,8 @@ def test_greedy_signed_zero_extremes() -> None:
     x[::3] *= F32(-1.0)
     for bits in (4, 2):
         ref = aten_prepack(x, bits, optimized=True)
-        for fn in (rowwise.greedy_ranges, rowwise.greedy_ranges_numpy):
-            np.testing.assert_array_equal(rowwise.encode_ranges(x, *fn(x, bits), bits), ref)
+        for fn in (greedy_ranges, greedy_ranges_numpy):
+            np.testing.assert_array_equal(encode_ranges(x, *fn(x, bits), bits), ref)
 
 
 # ------------------------------------------------------------------ compiled kernels == numpy
@@ -229,7 +248,8 @@ def test_greedy_signed_zero_extremes() -> None:
 
 @pytest.fixture(scope="module")
 def kernels():
-    k = rowwise._kernels()
+    k = compiled_kernels()
+    k = None if k is None else k.greedy
     if k is None:
         pytest.skip("numba kernels unavailable (numba missing or EMBQ_NO_NUMBA set)")
     return k
@@ -240,8 +260,8 @@ def test_greedy_kernel_matches_numpy_reference(kernels, bits: int) -> None:
     for kind in KINDS:
         for d in (16, 64, 128):
             x = make_rows(kind, n=120, d=d, seed=20 + d)
-            got = rowwise.greedy_ranges(x, bits)
-            ref = rowwise.greedy_ranges_numpy(x, bits)
+            got = greedy_ranges(x, bits)
+            ref = greedy_ranges_numpy(x, bits)
             np.testing.assert_array_equal(got[0], ref[0], err_msg=f"{kind} d={d}")
             np.testing.assert_array_equal(got[1], ref[1], err_msg=f"{kind} d={d}")
 
@@ -258,7 +278,7 @@ def test_greedy_kernel_stuck_rows_match_numpy(kernels) -> None:
                 rows.append(F32(c) + (rng.random(16) * k * ulp).astype(F32))
     x = np.array(rows, F32)
     for bits in (4, 2):
-        got, ref = rowwise.greedy_ranges(x, bits), rowwise.greedy_ranges_numpy(x, bits)
+        got, ref = greedy_ranges(x, bits), greedy_ranges_numpy(x, bits)
         np.testing.assert_array_equal(got[0], ref[0])
         np.testing.assert_array_equal(got[1], ref[1])
 
@@ -272,8 +292,8 @@ def test_kernel_loss_is_atens_float32_order(kernels) -> None:
     lo, hi = x.min(axis=1) + F32(0.003), x.max(axis=1) - F32(0.002)
     for bits in (4, 2):
         out = np.empty(x.shape[0], F32)
-        kernels.aten_losses(x, lo, hi, F32(rowwise.qmax_of(bits)), out)
-        ref = rowwise.greedy_loss_exact(np.ascontiguousarray(x.T), lo, hi, bits)
+        kernels.aten_losses(x, lo, hi, F32(qmax_of(bits)), out)
+        ref = greedy_loss_exact(np.ascontiguousarray(x.T), lo, hi, bits)
         np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
 
 
@@ -325,8 +345,8 @@ def test_encode_kernel_matches_numpy(kernels, bits: int) -> None:
             (rng.standard_normal(400).astype(F32), rng.standard_normal(400).astype(F32)),
         ]
         for a, b in cases:
-            got = rowwise.encode_ranges(x, a, b, bits)
-            np.testing.assert_array_equal(got, rowwise.encode_ranges_numpy(x, a, b, bits))
+            got = encode_ranges(x, a, b, bits)
+            np.testing.assert_array_equal(got, encode_ranges_numpy(x, a, b, bits))
 
 
 def test_row_extremes_kernel_matches_numpy(kernels) -> None:
@@ -338,7 +358,7 @@ def test_row_extremes_kernel_matches_numpy(kernels) -> None:
     specials = np.array([[0.0, -0.0, 0.0], [-0.0, 0.0, -0.0], [big, -big, 1.0], [3.0, 3.0, 3.0]], F32)
     for x in (make_rows("student_t", n=20000, d=64, seed=3),
               rng.standard_normal((9000, 1)).astype(F32), specials):  # fmt: skip
-        lo, hi = rowwise.row_extremes(x)
+        lo, hi = row_extremes(x)
         np.testing.assert_array_equal(lo.view(np.uint32), x.min(axis=1).view(np.uint32))
         np.testing.assert_array_equal(hi.view(np.uint32), x.max(axis=1).view(np.uint32))
         assert lo.dtype == hi.dtype == F32
@@ -350,8 +370,8 @@ def test_opt_kernel_matches_numpy(kernels, bits: int, dim: int) -> None:
     """The compiled better search returns the numpy reference's (scale, bias) bit for bit."""
     for kind in KINDS:
         x = make_rows(kind, n=100, d=dim, seed=30 + dim)
-        s1, b1 = rowwise.opt_qparams(x, bits)
-        s2, b2 = rowwise.opt_qparams_numpy(x, bits)
+        s1, b1 = opt_qparams(x, bits)
+        s2, b2 = opt_qparams_numpy(x, bits)
         np.testing.assert_array_equal(s1.view(np.uint32), s2.view(np.uint32), err_msg=kind)
         np.testing.assert_array_equal(b1.view(np.uint32), b2.view(np.uint32), err_msg=kind)
 
@@ -359,13 +379,13 @@ def test_opt_kernel_matches_numpy(kernels, bits: int, dim: int) -> None:
 def test_numpy_fallback(monkeypatch) -> None:
     """Without numba the numpy paths run, with the same results."""
     x = make_rows("trained", n=200, seed=16)
-    with_kernels = (rowwise.greedy_ranges(x, 4), rowwise.opt_ranges(x, 2))
-    monkeypatch.setattr(rowwise, "_KERNELS", [None])
-    assert rowwise.kernel_engine() == "numpy"
-    lo, hi = rowwise.greedy_ranges(x, 4)
-    np.testing.assert_array_equal(rowwise.encode_ranges(x, lo, hi, 4), aten_prepack(x, 4, True))
+    with_kernels = (greedy_ranges(x, 4), opt_ranges(x, 2))
+    monkeypatch.setattr(compiled, "_LOADED", [None])  # as if numba could not load
+    assert kernel_engine() == "numpy"
+    lo, hi = greedy_ranges(x, 4)
+    np.testing.assert_array_equal(encode_ranges(x, lo, hi, 4), aten_prepack(x, 4, True))
     np.testing.assert_array_equal(lo, with_kernels[0][0])
-    np.testing.assert_array_equal(rowwise.opt_ranges(x, 2)[0], with_kernels[1][0])
+    np.testing.assert_array_equal(opt_ranges(x, 2)[0], with_kernels[1][0])
 
 
 def test_run_rows_covers_every_row_once_and_raises() -> None:
@@ -374,7 +394,7 @@ def test_run_rows_covers_every_row_once_and_raises() -> None:
     def fn(r0: int, r1: int) -> None:
         seen[r0:r1] += 1
 
-    rowwise.run_rows(fn, 5000, most=300, least=100)
+    run_rows(fn, 5000, most=300, least=100)
     assert np.all(seen == 1)
 
     def boom(r0: int, r1: int) -> None:
@@ -382,7 +402,7 @@ def test_run_rows_covers_every_row_once_and_raises() -> None:
             raise RuntimeError("piece failed")
 
     with pytest.raises(RuntimeError, match="piece failed"):
-        rowwise.run_rows(boom, 5000, most=300, least=100)
+        run_rows(boom, 5000, most=300, least=100)
 
 
 # ------------------------------------------------------------------ better search
@@ -396,9 +416,9 @@ def search_rows() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("bits", [4, 2])
 def test_opt_within_half_percent_of_exhaustive(search_rows, bits: int) -> None:
     for kind, x in search_rows.items():
-        _, _, best = rowwise.exhaustive_ranges(x, bits)
-        ours = rowwise.row_sse(x, *rowwise.opt_ranges(x, bits), bits)
-        greedy = rowwise.row_sse(x, *rowwise.greedy_ranges(x, bits), bits)
+        _, _, best = exhaustive_ranges(x, bits)
+        ours = row_sse(x, *opt_ranges(x, bits), bits)
+        greedy = row_sse(x, *greedy_ranges(x, bits), bits)
         assert ours.sum() <= 1.005 * best.sum(), (kind, ours.sum() / best.sum())
         limit = 1.0 if bits == 4 else 0.7
         assert ours.sum() < limit * greedy.sum(), (kind, ours.sum() / greedy.sum())
@@ -407,25 +427,25 @@ def test_opt_within_half_percent_of_exhaustive(search_rows, bits: int) -> None:
 def test_exhaustive_is_a_lower_bound_on_its_grid() -> None:
     """Every grid point, min/max included, scores no better than the exhaustive optimum."""
     x = make_rows("gauss", n=30, seed=8)
-    lo, hi, best = rowwise.exhaustive_ranges(x, 4)
-    np.testing.assert_allclose(rowwise.row_sse(x, lo, hi, 4), best, rtol=1e-12)
-    assert np.all(best <= rowwise.row_sse(x, *rowwise.minmax_ranges(x), 4) * (1 + 1e-12))
+    lo, hi, best = exhaustive_ranges(x, 4)
+    np.testing.assert_allclose(row_sse(x, lo, hi, 4), best, rtol=1e-12)
+    assert np.all(best <= row_sse(x, *minmax_ranges(x), 4) * (1 + 1e-12))
     x64 = x.astype(np.float64)
     step = (x64.max(axis=1) - x64.min(axis=1)) / 200
     for i, j in ((3, 7), (10, 0), (40, 40)):
         lo2 = (x64.min(axis=1) + i * step).astype(F32)
         hi2 = (x64.max(axis=1) - j * step).astype(F32)
-        assert np.all(best <= rowwise.row_sse(x, lo2, hi2, 4) * (1 + 1e-12))
+        assert np.all(best <= row_sse(x, lo2, hi2, 4) * (1 + 1e-12))
 
 
 def test_opt_qparams_are_fp16_and_roundtrip() -> None:
     x = make_rows("trained", n=64, seed=9)
-    scale, bias = rowwise.opt_qparams(x, 4)
+    scale, bias = opt_qparams(x, 4)
     assert np.all(scale > 0)
     np.testing.assert_array_equal(scale, scale.astype(np.float16).astype(F32))
     np.testing.assert_array_equal(bias, bias.astype(np.float16).astype(F32))
-    lo, hi = rowwise.ranges_for_qparams(scale, bias, 4)
-    s16, b16, _ = rowwise.qparams(lo, hi, 4)
+    lo, hi = ranges_for_qparams(scale, bias, 4)
+    s16, b16, _ = qparams(lo, hi, 4)
     np.testing.assert_array_equal(s16.astype(F32), scale)
     np.testing.assert_array_equal(b16.astype(F32), bias)
 
@@ -434,6 +454,6 @@ def test_opt_qparams_are_fp16_and_roundtrip() -> None:
 def test_opt_never_worse_than_minmax(kind: str) -> None:
     x = make_rows(kind, n=64, seed=10)
     for bits in (4, 2):
-        ours = rowwise.row_sse(x, *rowwise.opt_ranges(x, bits), bits)
-        mm = rowwise.row_sse(x, *rowwise.minmax_ranges(x), bits)
+        ours = row_sse(x, *opt_ranges(x, bits), bits)
+        mm = row_sse(x, *minmax_ranges(x), bits)
         assert np.all(ours <= mm * (1 + 1e-9) + 1e-30), kind

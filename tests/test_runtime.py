@@ -35,7 +35,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 def _cli(argv: list[str]) -> None:
     """Run `embq quantize ...` through the parser that cli_quantize registers."""
-    from embq.cli_quantize import add_parser
+    from embq.cli.quantize import add_parser
 
     parser = argparse.ArgumentParser(prog="embq")
     add_parser(parser.add_subparsers(dest="verb", required=True))
@@ -61,8 +61,9 @@ NBIT_FORMATS = ["int4", "int4-greedy", "int4-opt", "int2", "int2-greedy", "int2-
 
 @pytest.mark.parametrize("name,dims", _format_dims(), ids=[n for n, _ in _format_dims()])
 def test_runtime_bags_pool_like_float64_reference(name: str, dims: list[int]):
-    from embq.runtime import build_embedding_bags
-    from embq.torchrec import find_tables, quantize_tables
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.models.tables import find_tables
+    from embq.runtime.bags import build_embedding_bags
 
     pooling = ["MEAN", "SUM", "MEAN"][: len(dims)]
     tables = quantize_tables(find_tables(_ebc(dims, pooling, seed=2)), name)
@@ -78,8 +79,10 @@ def test_nbit_kernels_pool_like_float64_reference(name: str, pooling: str):
     to a power of two ("auto", the default), ATen's n-bit ops on the rows as they are
     ("compact") and the TBE with unpadded rows ("tbe") -- pool like the float64 reference,
     agree with each other, and script."""
-    from embq.runtime import RowwiseNBitBagCollection, build_embedding_bags
-    from embq.torchrec import find_tables, quantize_tables
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.models.tables import find_tables
+    from embq.runtime.bags import build_embedding_bags
+    from embq.runtime.nbit import RowwiseNBitBagCollection
 
     dims = [16, 32, 64]
     tables = quantize_tables(find_tables(_ebc(dims, [pooling] * 3, seed=11)), name)
@@ -118,8 +121,11 @@ def test_nbit_kernel_multi_feature_tables_mixed_with_other_kernels():
     """A 4-bit table serving two features, a 2-bit MEAN table and TBE / codebook tables
     interleaved: the n-bit kernel reads its features' bags out of the whole input in place and
     the columns come back in feature order."""
-    from embq.runtime import RowwiseNBitBagCollection, build_embedding_bags
-    from embq.torchrec import QuantizedTable, find_tables, quantize_tables
+    from embq.artifact.schema import QuantizedTable
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.models.tables import find_tables
+    from embq.runtime.bags import build_embedding_bags
+    from embq.runtime.nbit import RowwiseNBitBagCollection
 
     ebc = _ebc([32, 16, 64, 16, 32], ["SUM", "MEAN", "MEAN", "SUM", "SUM"], seed=13)
     plan = {"t_f0": "int8", "t_f1": "int4-opt", "t_f2": "int2", "t_f3": "cb4-row", "t_f4": "int4"}
@@ -152,8 +158,9 @@ def test_range_check_with_tables_of_different_sizes(kernel: str, vector_check_id
     per feature (CheckedTBE), all exactly, eager and scripted."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from embq.runtime import build_embedding_bags
-    from embq.torchrec import find_tables, quantize_tables
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.models.tables import find_tables
+    from embq.runtime.bags import build_embedding_bags
 
     plan = {"t_f0": "int4", "t_f1": "int8", "t_f2": "int2", "t_f3": "int4-greedy"}
     tables = quantize_tables(find_tables(_ebc([16, 16, 32, 16], seed=17)), plan)
@@ -196,7 +203,7 @@ def test_range_check_with_tables_of_different_sizes(kernel: str, vector_check_id
 
 
 def test_split_runs_balances_consecutive_items():
-    from embq.runtime import split_runs
+    from embq.runtime.tbe import split_runs
 
     assert split_runs([1] * 26, 2) == [13, 13]
     assert split_runs([1] * 26, 3) == [9, 9, 8]
@@ -210,8 +217,9 @@ def test_tbe_parts_spread_over_threads_with_the_same_result():
     """Loaded under 3 torch threads, 5 int4 tables of one size become 3 TBEs (one per thread);
     eager (parts in turn or forked) and scripted lookups equal one TBE's, bit for bit, and an
     id out of range in the last part is still refused."""
-    from embq.runtime import build_embedding_bags
-    from embq.torchrec import find_tables, quantize_tables
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.models.tables import find_tables
+    from embq.runtime.bags import build_embedding_bags
 
     tables = quantize_tables(find_tables(_ebc([64] * 5, ["SUM"] * 5, seed=21)), "int4")
     kjt = _bags([f"f{i}" for i in range(5)], seed=22, batch=64)
@@ -247,8 +255,9 @@ def test_tbe_parts_spread_over_threads_with_the_same_result():
 
 
 def test_nbit_kernel_spreads_tables_over_threads_with_the_same_result():
-    from embq.runtime import build_embedding_bags
-    from embq.torchrec import find_tables, quantize_tables
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.models.tables import find_tables
+    from embq.runtime.bags import build_embedding_bags
 
     dims = [16, 32, 64, 16, 32]
     ebc = _ebc(dims, ["SUM", "MEAN", "SUM", "MEAN", "SUM"], seed=19)
@@ -290,8 +299,9 @@ def test_nbit_kernel_eager_calls_leave_the_module_as_it_was():
     import copy
     import io
 
-    from embq.runtime import build_embedding_bags
-    from embq.torchrec import find_tables, quantize_tables
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.models.tables import find_tables
+    from embq.runtime.bags import build_embedding_bags
 
     tables = quantize_tables(find_tables(_ebc([16, 32], ["SUM", "MEAN"], seed=15)), "int2-opt")
     bags = build_embedding_bags(tables, kernel="compact")
@@ -319,8 +329,9 @@ def test_nbit_kernel_eager_calls_leave_the_module_as_it_was():
 
 def test_nbit_kernel_uses_the_memory_mapped_rows(quantized):
     """kernel="compact": the artifact's 4-bit rows are used where they are mapped, no copy."""
-    from embq.artifact import load_artifact
-    from embq.runtime import RowwiseNBitBagCollection, artifact_tables, build_embedding_bags
+    from embq.artifact.reader import load_artifact
+    from embq.runtime.bags import artifact_tables, build_embedding_bags
+    from embq.runtime.nbit import RowwiseNBitBagCollection
 
     artifact, *_ = quantized
     tables = artifact_tables(load_artifact(artifact))
@@ -337,8 +348,10 @@ def test_mixed_kernels_interleaved_features_and_tables_stay_compressed():
     the output columns come back in feature order, and only compressed bytes are held: the
     encoded rows ("compact", "tbe"), or rows padded to a power of two up to 64 bytes ("auto"),
     as `table_memory_bytes` (the metadata's "memory_bytes") says."""
-    from embq.runtime import build_embedding_bags, table_memory_bytes
-    from embq.torchrec import find_tables, quantize_tables
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.models.tables import find_tables
+    from embq.runtime.bags import build_embedding_bags
+    from embq.runtime.kernel_choice import table_memory_bytes
 
     dims = [16, 32, 64, 16, 32]
     ebc = _ebc(dims, ["SUM", "MEAN", "SUM", "MEAN", "SUM"], seed=3)
@@ -384,9 +397,10 @@ def test_mixed_kernels_interleaved_features_and_tables_stay_compressed():
 def test_codebook_bags_script_and_decode_like_the_formats():
     """Each codebook kind decodes rows bit-identically to its format's numpy decode, and the
     collection scripts to TorchScript with the same pooled outputs."""
-    from embq.codebook_bag import CodebookBagCollection
-    from embq.formats import get_format
-    from embq.torchrec import find_tables, quantize_tables
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.embedding.registry import get_format
+    from embq.models.tables import find_tables
+    from embq.runtime.codebook_bag import CodebookBagCollection
 
     ebc = _ebc([16, 32, 64, 32], ["SUM", "MEAN", "SUM", "MEAN"], seed=7)
     plan = {"t_f0": "cb4-row", "t_f1": "cb4-shared", "t_f2": "pq16x8", "t_f3": "pq8x5"}
@@ -403,8 +417,9 @@ def test_codebook_bags_script_and_decode_like_the_formats():
 
 
 def test_out_of_range_ids_raise():
-    from embq.runtime import build_embedding_bags
-    from embq.torchrec import find_tables, quantize_tables
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.models.tables import find_tables
+    from embq.runtime.bags import build_embedding_bags
 
     for fmt, kernel, error in (
         ("int4", "tbe", DataError),
@@ -423,8 +438,9 @@ def test_kernels_refuse_out_of_range_ids_before_the_op(name: str, kernel: str):
     """ATen's n-bit ops ("compact") and the TBE ("auto", no bounds check of its own) need ids in
     range: embq checks every table's min / max first and raises DataError naming the feature
     (eager) or a torch.jit.Error carrying it (TorchScript)."""
-    from embq.runtime import build_embedding_bags
-    from embq.torchrec import find_tables, quantize_tables
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.models.tables import find_tables
+    from embq.runtime.bags import build_embedding_bags
 
     tables = quantize_tables(find_tables(_ebc([16, 32], ["SUM", "MEAN"])), name)
     bags = build_embedding_bags(tables, kernel=kernel)
@@ -462,11 +478,11 @@ def quantized(trained, tmp_path_factory):
 
 
 def test_cli_artifact_predicts_like_in_memory_quantized_model(quantized, capsys):
-    from embq.artifact import load_artifact
+    from embq.artifact.reader import load_artifact
     from embq.data.prepared import PreparedData
-    from embq.model import load_model
-    from embq.runtime import load_inference_model
-    from embq.torchrec import quantize_model
+    from embq.models.dlrm import load_model
+    from embq.models.quantized import quantize_model
+    from embq.runtime.load import load_inference_model
 
     artifact, plan, model_dir, data_dir = quantized
     art = load_artifact(artifact)
@@ -537,7 +553,7 @@ def test_cli_prints_summary_and_refuses_bad_plans(trained, tmp_path, capsys):
 
 
 def test_inference_metadata(quantized):
-    from embq.runtime import inference_metadata
+    from embq.runtime.load import inference_metadata
 
     artifact, *_ = quantized
     meta = inference_metadata(artifact)
@@ -578,7 +594,7 @@ def test_inference_metadata(quantized):
 
 def test_inputs_are_checked(quantized):
     from embq.data.prepared import ids_to_kjt
-    from embq.runtime import load_inference_model
+    from embq.runtime.load import load_inference_model
 
     artifact, *_ = quantized
     model = load_inference_model(artifact, verify=False)
@@ -606,7 +622,7 @@ def test_inputs_are_checked(quantized):
 
 def test_kernel_choices_predict_alike(quantized):
     from embq.data.prepared import PreparedData
-    from embq.runtime import load_inference_model
+    from embq.runtime.load import load_inference_model
 
     artifact, _, _, data_dir = quantized
     auto = load_inference_model(artifact, verify=False)
@@ -631,7 +647,7 @@ def test_dot_interaction_equals_torchrec_interaction_arch(features: int, dim: in
     same numbers bit for bit, eager and scripted."""
     from torchrec.models.dlrm import InteractionArch
 
-    from embq.runtime import DotInteraction
+    from embq.runtime.dlrm import DotInteraction
 
     g = torch.Generator().manual_seed(features)
     dense = torch.randn(batch, dim, generator=g)
@@ -645,7 +661,7 @@ def test_dot_interaction_equals_torchrec_interaction_arch(features: int, dim: in
 
 def _halved_towers(config, tensors, meta):
     """A stand-in dense loader for a new kind: fp32 towers with the top MLP's output halved."""
-    from embq.runtime import DENSE_LOADERS
+    from embq.runtime.dense_towers import DENSE_LOADERS
 
     towers = DENSE_LOADERS["fp32"](config, tensors, meta)
     last = [m for m in towers.over_arch.modules() if isinstance(m, torch.nn.Linear)][-1]
@@ -656,11 +672,13 @@ def _halved_towers(config, tensors, meta):
 
 
 def test_dense_kinds_dispatch_in_one_table(trained, tmp_path, monkeypatch):
-    from embq.cli_quantize import write_artifact
+    from embq.artifact.writer import write_model_artifact as write_artifact
     from embq.data.prepared import ids_to_kjt
-    from embq.model import load_model
-    from embq.runtime import DENSE_LOADERS, load_inference_model
-    from embq.torchrec import dense_state_dict, find_tables, quantize_tables
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.models.dlrm import load_model
+    from embq.models.tables import dense_state_dict, find_tables
+    from embq.runtime.dense_towers import DENSE_LOADERS
+    from embq.runtime.load import load_inference_model
 
     model, config = load_model(trained[0])
     tables = quantize_tables(find_tables(model), "int4")
@@ -673,15 +691,17 @@ def test_dense_kinds_dispatch_in_one_table(trained, tmp_path, monkeypatch):
     with pytest.raises(ArtifactError, match="kind 'int8-brecq-v9'.*known kinds: \\['embq-dense-ptq', 'fp32'"):
         load_inference_model(path, verify=False)
     # a kind registered by "module:function" is imported when first needed
-    monkeypatch.setitem(DENSE_LOADERS, "int8-brecq-v9", "tests.test_runtime:_halved_towers")
+    monkeypatch.setitem(DENSE_LOADERS, "int8-brecq-v9", _halved_towers)
     torch.testing.assert_close(load_inference_model(path, verify=False)(*batch), base * 0.5)
 
 
 def test_non_dlrm_artifacts_are_refused_but_serve_lookups(trained, tmp_path):
-    from embq.artifact import ArtifactWriter
-    from embq.model import load_model
-    from embq.runtime import load_embedding_bags, load_inference_model
-    from embq.torchrec import find_tables, quantize_tables
+    from embq.artifact.writer import ArtifactWriter
+    from embq.embedding.encode import encode_tables as quantize_tables
+    from embq.models.dlrm import load_model
+    from embq.models.tables import find_tables
+    from embq.runtime.bags import load_embedding_bags
+    from embq.runtime.load import load_inference_model
 
     model, _ = load_model(trained[0])
     tables = quantize_tables(find_tables(model), "int4")
@@ -710,7 +730,8 @@ save_file({"logits": out}, sys.argv[3])
 
 def test_torchscript_export_round_trip(quantized, tmp_path):
     from embq.data.prepared import PreparedData
-    from embq.runtime import METADATA_FILE, export_torchscript, load_inference_model
+    from embq.runtime.export import METADATA_FILE, export_torchscript
+    from embq.runtime.load import load_inference_model
 
     artifact, _, _, data_dir = quantized
     out = export_torchscript(artifact, tmp_path / "model.pt")

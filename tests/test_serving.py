@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from embq.artifact import load_artifact
+from embq.artifact.reader import load_artifact
+from embq.embedding.registry import format_names
 from embq.errors import ArtifactError, DataError
-from embq.formats import format_names
 
 FEATURES = ["cat_0", "cat_1", "cat_2"]
 ROWS = [700, 1000, 650]  # >= 39 * 16, so 16-centroid k-means has enough points without warnings
@@ -37,7 +37,7 @@ PROB_ATOL = 1e-5
 def make_model_dir(path: Path, seed: int = 0) -> Path:
     """A small DLRM saved with embq.model.save_model, tables filled with trained-like values
     (rows ~N(0, s^2) with a per-row scale s in [0.05, 1]), so quantization error is visible."""
-    from embq.model import DLRMConfig, build_dlrm, save_model
+    from embq.models.dlrm import DLRMConfig, build_dlrm, save_model
 
     config = DLRMConfig(dense_in_features=N_DENSE, sparse_feature_names=FEATURES, num_embeddings=ROWS,
                         embedding_dim=DIM, dense_arch=[32, DIM], over_arch=[16, 1])  # fmt: skip
@@ -52,7 +52,7 @@ def make_model_dir(path: Path, seed: int = 0) -> Path:
 
 def make_artifact(model_dir: Path, fmt: str, out: Path) -> Path:
     """`embq quantize --model model_dir --plan fmt --output out`, as a library call."""
-    from embq.cli_quantize import quantize_model_dir
+    from embq.cli.quantize import quantize_model_dir
 
     path, _ = quantize_model_dir(model_dir, fmt, out)
     return path
@@ -255,8 +255,9 @@ def test_bad_inputs_raise_clear_embq_errors(case, predictors):
 
 
 def test_bad_kjts_are_refused(predictors):
-    from embq_serving.predictor import InvalidInputError
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from embq_serving.predictor import InvalidInputError
 
     predictor = predictors["int4"]
     dense = np.zeros((2, N_DENSE), np.float32)
@@ -373,8 +374,8 @@ def test_kernel_choices_serve_alike(fmt, artifacts, predictors, tmp_path):
 def test_kernel_flags_offer_the_runtime_choices():
     import argparse
 
-    from embq.cli_export import add_parser
-    from embq.runtime import KERNEL_CHOICES
+    from embq.cli.export import add_parser
+    from embq.runtime.kernel_choice import KERNEL_CHOICES
     from embq_serving.http import build_parser
 
     def choices(parser: argparse.ArgumentParser) -> tuple[str, ...]:
@@ -434,9 +435,8 @@ def test_embq_export_runs_with_only_torch_and_fbgemm(artifacts, predictors, tmp_
 
 
 def test_export_refuses_what_it_cannot_read(tmp_path, capsys):
-    from embq_serving.export import ScriptedPredictor
-
     from embq import cli
+    from embq_serving.export import ScriptedPredictor
 
     assert (
         cli.main(

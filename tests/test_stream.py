@@ -16,12 +16,12 @@ import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
 
-from embq.artifact import load_artifact
-from embq.cli_table import main as cli_main
+from embq.artifact.reader import load_artifact
+from embq.cli import main as embq_main
+from embq.embedding.registry import get_format
+from embq.embedding.sources import open_table
+from embq.embedding.stream import quantize_table, row_range, staging_path
 from embq.errors import ArtifactError, DataError, EmbqError, FormatError
-from embq.formats import get_format
-from embq.sources import open_table
-from embq.stream import quantize_table, row_range, staging_path
 from tests.helpers import codebook_format
 
 ROWS, DIM, CHUNK = 1000, 16, 64  # 1000 is not a multiple of 64: the last chunk is short
@@ -194,7 +194,7 @@ def test_resume_after_sigkill(tmp_path, npy):
     out = tmp_path / "o.embq"
     script = (
         "import sys, time\n"
-        "from embq.stream import quantize_table\n"
+        "from embq.embedding.stream import quantize_table\n"
         "quantize_table(sys.argv[1], 'int4', sys.argv[2], chunk_rows=16, progress=False,\n"
         "               checkpoint_seconds=0, on_chunk=lambda n: time.sleep(0.05))\n"
     )
@@ -292,13 +292,13 @@ def test_source_errors(tmp_path):
 
 def test_cli(tmp_path, npy, capsys):
     out = tmp_path / "o.embq"
-    argv = ["--input", str(npy[0]), "--format", "int4", "--output", str(out), "--chunk-rows", "100",
+    argv = ["quantize-table", "--input", str(npy[0]), "--format", "int4", "--output", str(out), "--chunk-rows", "100",
             "--feature-name", "cat_0", "--quiet"]  # fmt: skip
-    assert cli_main(argv) == 0
+    assert embq_main(argv) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["rows"] == ROWS and line["format"] == "int4"
     assert load_artifact(out).tables["emb"].feature_names == ["cat_0"]
-    assert cli_main(argv) == 2  # exists
+    assert embq_main(argv) == 2  # exists
     assert "already exists" in capsys.readouterr().err
 
 
@@ -316,7 +316,7 @@ def test_torchrun_two_ranks(tmp_path, npy):
     out = tmp_path / "d.embq"
     env = {**_env(), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "embq.stream", "--distributed", "--input", str(path),
+           "2", "-m", "embq", "quantize-table", "--distributed", "--input", str(path),
            "--format", "int4", "--output", str(out), "--chunk-rows", "100", "--quiet"]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -326,11 +326,11 @@ def test_torchrun_two_ranks(tmp_path, npy):
 
 
 def test_concurrent_run_refused(tmp_path, npy):
-    from embq.stream import _Lock
+    from embq.embedding.stream import DirectoryLock
 
     out = tmp_path / "o.embq"
     staging_path(out).mkdir()
-    lock = _Lock(staging_path(out))
+    lock = DirectoryLock(staging_path(out))
     try:
         with pytest.raises(EmbqError, match="another process"):
             quantize_table(npy[0], "int4", out, progress=False)
@@ -341,14 +341,14 @@ def test_concurrent_run_refused(tmp_path, npy):
 
 def test_kill_between_manifest_and_rename(tmp_path, npy, monkeypatch):
     """The finished staging directory of a run killed just before its rename is published."""
-    import embq.artifact
+    import embq.artifact.writer
 
     out = tmp_path / "o.embq"
 
     def killed(staging, path):
         raise _Kill
 
-    monkeypatch.setattr(embq.artifact, "publish_directory", killed)
+    monkeypatch.setattr(embq.artifact.writer, "publish_directory", killed)
     with pytest.raises(_Kill):
         quantize_table(npy[0], "int4", out, progress=False)
     monkeypatch.undo()

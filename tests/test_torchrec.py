@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from embq.embedding.registry import format_names, get_format
 from embq.errors import ConfigError, FormatError
-from embq.formats import format_names, get_format
 
 DIMS = (16, 32, 64)
 ROWS = 300  # >= 256: PQ with 8-bit codes fits 256 centroids per sub-quantizer
@@ -69,7 +69,7 @@ def _ebc(dims: list[int], pooling: list[str] | None = None, seed: int = 0):
     ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for i, c in enumerate(configs):
+        for c in configs:
             w = ebc.embedding_bags[c.name].weight
             w.copy_(torch.randn(w.shape, generator=g) * 0.1)
             w[7] *= 10.0
@@ -134,7 +134,7 @@ def make_trained_dlrm(root: Path, seed: int = 0) -> tuple[Path, Path]:
     """A small DLRM trained for a few hundred steps on planted data, saved with its prepared
     dataset: (model dir, data dir). A few seconds on two cores."""
     from embq.data.prepared import PreparedData
-    from embq.model import DLRMConfig, build_dlrm, save_model
+    from embq.models.dlrm import DLRMConfig, build_dlrm, save_model
 
     names, rows, n_dense = ["c0", "c1", "c2", "c3"], [400, 300, 200, 100], 5
     dense, ids, labels = _planted_data(12_000, n_dense, rows, seed)
@@ -203,7 +203,8 @@ def test_rowwise_decode_matches_fbgemm_dequantizer():
 
 @pytest.mark.parametrize("name,dims", _format_dims(), ids=[n for n, _ in _format_dims()])
 def test_quantized_ebc_pools_like_float64_reference(name: str, dims: list[int]):
-    from embq.torchrec import find_tables, quantize_model
+    from embq.models.quantized import quantize_model
+    from embq.models.tables import find_tables
 
     pooling = ["SUM", "MEAN", "SUM"][: len(dims)]
     ebc = _ebc(dims, pooling)
@@ -226,7 +227,7 @@ def test_quantized_ebc_pools_like_float64_reference(name: str, dims: list[int]):
 def test_rowwise_plans_use_torchrec_quant_ebc_with_unchanged_bytes():
     from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
 
-    from embq.torchrec import quantize_model
+    from embq.models.quantized import quantize_model
 
     result = quantize_model(
         _ebc([16, 32, 64]), {"t_f0": "int4-greedy", "t_f1": "int2", "t_f2": "fp16"}
@@ -242,7 +243,7 @@ def test_rowwise_plans_use_torchrec_quant_ebc_with_unchanged_bytes():
 
 
 def test_mixed_plan_per_table():
-    from embq.torchrec import quantize_model
+    from embq.models.quantized import quantize_model
 
     # row-wise tables with interleaved poolings: TorchRec groups them by pooling internally
     ebc = _ebc([16, 32, 64, 16, 32], ["SUM", "MEAN", "SUM", "MEAN", "SUM"])
@@ -276,14 +277,14 @@ def test_mixed_plan_per_table():
     ],
 )
 def test_bad_plans_raise_config_error(plan, match):
-    from embq.torchrec import quantize_model
+    from embq.models.quantized import quantize_model
 
     with pytest.raises(ConfigError, match=match):
         quantize_model(_ebc([16, 16]), plan)
 
 
 def test_dims_that_do_not_pack_raise_format_error():
-    from embq.torchrec import quantize_model
+    from embq.models.quantized import quantize_model
 
     with pytest.raises(FormatError, match=r"t_f0.*dim 6"):
         quantize_model(_ebc([6]), "int4")
@@ -292,7 +293,7 @@ def test_dims_that_do_not_pack_raise_format_error():
 
 
 def test_not_a_torchrec_model_is_refused():
-    from embq.torchrec import quantize_model
+    from embq.models.quantized import quantize_model
 
     with pytest.raises(ConfigError, match="EmbeddingBagCollection"):
         quantize_model(torch.nn.Linear(3, 4), "int8")
@@ -305,9 +306,9 @@ def test_quantize_trained_dlrm_then_evaluate(trained):
     from torchrec.models.dlrm import DLRM
 
     from embq.data.prepared import PreparedData
-    from embq.metrics import evaluate
-    from embq.model import load_model
-    from embq.torchrec import quantize_model
+    from embq.models.dlrm import load_model
+    from embq.models.metrics import evaluate
+    from embq.models.quantized import quantize_model
 
     model_dir, data_dir = trained
     model, _ = load_model(model_dir)
@@ -340,7 +341,7 @@ def test_quantize_trained_dlrm_then_evaluate(trained):
 
 
 def test_quality_table_rows(trained):
-    from embq.report import format_markdown, quality_table
+    from embq.report.quality import format_markdown, quality_table
 
     model_dir, data_dir = trained
     rows = quality_table(model_dir, data_dir, ["int8", "int2"], batch_size=2048)
@@ -357,14 +358,16 @@ def test_tables_too_small_for_a_default_codebook_stay_fp16():
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-    from embq.torchrec import SMALL_TABLE_FALLBACK, find_tables, resolve_plan
+    from embq.embedding.encode import SMALL_TABLE_FALLBACK, resolve_plan
+    from embq.models.tables import find_tables
 
     configs = [EmbeddingBagConfig(name="big", embedding_dim=16, num_embeddings=400, feature_names=["a"]),
                EmbeddingBagConfig(name="tiny", embedding_dim=16, num_embeddings=4, feature_names=["b"])]
     tables = find_tables(EmbeddingBagCollection(tables=configs, device=torch.device("cpu")))
-    assert resolve_plan(tables, "pq8x8") == {"big": "pq8x8", "tiny": SMALL_TABLE_FALLBACK}
+    resolved = {name: str(fmt) for name, fmt in resolve_plan(tables, "pq8x8").items()}
+    assert resolved == {"big": "pq8x8", "tiny": SMALL_TABLE_FALLBACK}
     # Asked for by name, the impossible format is an error, not a silent substitute.
-    from embq.torchrec import quantize_tables
+    from embq.embedding.encode import encode_tables as quantize_tables
 
     with pytest.raises(FormatError, match="tiny.*at least 256"):
         quantize_tables(tables, {"big": "pq8x8", "tiny": "pq8x8"})

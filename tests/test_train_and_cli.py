@@ -5,14 +5,13 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 
 from embq.cli import main
 from embq.data.prepared import PreparedData
-from embq.metrics import click_metrics, evaluate
-from embq.model import load_model, save_model
-from embq.train import TrainSettings, train_dlrm
 from embq.errors import ConfigError
+from embq.models.dlrm import load_model, save_model
+from embq.models.metrics import click_metrics, evaluate
+from embq.models.train import TrainSettings, train_dlrm
 
 
 def test_click_metrics_against_hand_values():

@@ -40,7 +40,7 @@ class NpyAppender:
         self._file.write(prefix + text + b" " * pad + b"\n")
         self._file.close()
 
-    def __enter__(self) -> "NpyAppender":
+    def __enter__(self) -> NpyAppender:
         return self
 
     def __exit__(self, *exc) -> None:

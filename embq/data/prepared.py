@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ class Batch:
     per row), labels [B] float32."""
 
     dense: torch.Tensor
-    sparse: "object"  # torchrec.sparse.jagged_tensor.KeyedJaggedTensor
+    sparse: object  # torchrec.sparse.jagged_tensor.KeyedJaggedTensor
     labels: torch.Tensor
 
     def __len__(self) -> int:

@@ -133,7 +133,7 @@ class SynthBlock:
     cat_missing: np.ndarray   # bool (n, 26)
     strip: np.ndarray         # bool (n,)
 
-    def head(self, n: int) -> "SynthBlock":
+    def head(self, n: int) -> SynthBlock:
         return SynthBlock(*(getattr(self, k)[:n] for k in
                             ("labels", "ints", "int_missing", "ranks", "cat_missing", "strip")))
 

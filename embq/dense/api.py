@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from embq.dense.brecq import run_brecq
-from embq.dense.calibration import CalibrationCache, DenseQuantConfig, bce, plan_report
-from embq.dense.fakequant import QuantizedDLRMTowers
-from embq.dense.lapq import run_lapq
-from embq.dense.multipoint import run_multipoint
-from embq.dense.rtn import run_rtn
-from embq.dense.sparq import run_sparq
+from embq.dense.core.calibration import CalibrationCache, DenseQuantConfig, bce, plan_report
+from embq.dense.core.fakequant import QuantizedDLRMTowers
+from embq.dense.methods.brecq import run_brecq
+from embq.dense.methods.lapq import run_lapq
+from embq.dense.methods.multipoint import run_multipoint
+from embq.dense.methods.rtn import run_rtn
+from embq.dense.methods.sparq import run_sparq
 from embq.errors import ConfigError
 
 #: name -> runner(towers, cache, config, **options) -> report dict

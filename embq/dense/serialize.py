@@ -23,44 +23,48 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from embq.dense.fakequant import ActQuantizer, QuantizedDLRMTowers, QuantLinear, WeightQuantizer
-from embq.dense.multipoint import MultipointLinear
-from embq.dense.quantizers import QuantSpec
+from embq.dense.core.fakequant import (
+    ActQuantizer,
+    QuantizedDLRMTowers,
+    QuantLinear,
+    WeightQuantizer,
+)
+from embq.dense.core.quantizers import QuantSpec
+from embq.dense.methods.multipoint import MultipointLinear
+from embq.embedding.packing import pack_codes_torch, unpack_codes_torch
 from embq.errors import ArtifactError, ConfigError
+from embq.files import staged_directory
 
 FORMAT, VERSION = "embq-dense", 1
+DENSE_KIND_PTQ = "embq-dense-ptq"  # the artifact's dense meta "kind" of towers from embq.dense
 TENSORS_FILE, META_FILE = "dense.safetensors", "dense.json"
 
 
 def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes < 2^bits -> uint8; 1/2/4-bit codes packed 8/4/2 per byte (element 0 low)."""
+    """Unsigned codes < 2^bits -> flat uint8; 1/2/4-bit codes packed 8/4/2 per byte, LSB first
+    (`embq.embedding.packing`, the layout of the row formats), other widths one per byte."""
     flat = u.reshape(-1).to(torch.int64)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise ConfigError(f"codes out of the {bits}-bit range")
     if bits not in (1, 2, 4):
         return flat.to(torch.uint8)
-    per = 8 // bits
-    pad = (-flat.numel()) % per
-    flat = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, per)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    return (flat << shifts).sum(1).to(torch.uint8)
+    return pack_codes_torch(flat.reshape(1, -1), bits).reshape(-1)
 
 
 def unpack_codes(p: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    p = p.reshape(-1).to(torch.int64)
+    """Inverse of `pack_codes`: the first `numel` codes, int64."""
+    p = p.reshape(-1).to(torch.uint8)
     if bits not in (1, 2, 4):
-        out = p
+        out = p.to(torch.int64)
     else:
-        per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.int64) * bits
-        out = ((p[:, None] >> shifts) & (2**bits - 1)).reshape(-1)
+        out = unpack_codes_torch(p.reshape(1, -1), bits, p.numel() * (8 // bits))
+        out = out.reshape(-1).to(torch.int64)
     if out.numel() < numel:
         raise ArtifactError(f"packed codes hold {out.numel()} values, expected {numel}")
     return out[:numel]
@@ -154,7 +158,7 @@ def from_tensors(
         raise ArtifactError(
             f"Unknown embq dense format version {meta.get('version')!r}; this embq reads {VERSION}."
         )
-    from embq.dense.sparq import SparqSpec
+    from embq.dense.core.windows import SparqSpec
 
     towers_layers: dict[str, list[QuantLinear]] = {"bottom": [], "top": []}
     try:
@@ -236,12 +240,8 @@ def from_tensors(
 def save_quantized(towers: QuantizedDLRMTowers, path: str | os.PathLike) -> Path:
     """Write `dense.safetensors` + `dense.json` into a new directory `path`, atomically."""
     path = Path(path)
-    if path.exists():
-        raise ConfigError(f"{path} already exists; choose a new output path or remove it first.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors, meta = to_tensors(towers)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_directory(path, ConfigError) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE))
         data = (tmp / TENSORS_FILE).read_bytes()
         meta = {
@@ -251,10 +251,6 @@ def save_quantized(towers: QuantizedDLRMTowers, path: str | os.PathLike) -> Path
             "bytes": len(data),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -283,3 +279,10 @@ def load_quantized(
             f"{path / TENSORS_FILE} is not a readable safetensors file: {exc}"
         ) from exc
     return from_tensors(tensors, meta, model)
+
+
+def dense_section(towers: QuantizedDLRMTowers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, meta) of quantized towers for the artifact's dense section
+    (`ArtifactWriter.add_dense`); meta["kind"] is DENSE_KIND_PTQ."""
+    tensors, meta = to_tensors(towers)
+    return tensors, {"kind": DENSE_KIND_PTQ, **meta}

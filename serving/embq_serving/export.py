@@ -130,7 +130,7 @@ def export_checked(artifact: str | os.PathLike | Predictor, out: str | os.PathLi
     Raises:
         EmbqError if the exported module answers differently.
     """
-    from embq.runtime import export_torchscript
+    from embq.runtime.export import export_torchscript
 
     predictor = artifact if isinstance(artifact, Predictor) else Predictor(artifact)
     path = export_torchscript(predictor.path, out, kernel=predictor.kernel)

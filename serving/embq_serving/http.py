@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from typing_extensions import TypedDict
 
 from embq.errors import EmbqError
-from embq.kernel_choice import add_kernel_argument
+from embq.runtime.kernel_choice import add_kernel_argument
 from embq_serving.predictor import BasePredictor, Predictor
 
 log = logging.getLogger("embq_serving.http")

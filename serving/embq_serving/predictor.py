@@ -425,7 +425,7 @@ class Predictor(BasePredictor):
     ) -> None:
         import torch
 
-        from embq.runtime import inference_metadata, load_inference_model
+        from embq.runtime.load import inference_metadata, load_inference_model
 
         super().__init__()
         if num_threads is not None:
