@@ -8,6 +8,7 @@ The public API (everything else is reached through the subpackages)::
     served = embq.load("model.embq")            # fbgemm kernels over the memory-mapped artifact
     embq.quantize_table("big.npy", "int4-opt", "big.embq")    # one table larger than RAM
     embq.formats()                              # every format: bytes per row, kernel
+    model, config = embq.load_model("runs/demo/model")   # a DLRM saved by `embq train`
 
 Importing embq is cheap: torch, fbgemm and faiss load only when a verb that needs them runs.
 """
@@ -31,6 +32,7 @@ _LAZY = {
     "QuantizedModel": "embq.api",
     "FormatInfo": "embq.api",
     "Plan": "embq.plan",
+    "load_model": "embq.models.dlrm",
     "Float": "embq.embedding.configs",
     "Rowwise": "embq.embedding.configs",
     "RowCodebook": "embq.embedding.configs",
@@ -49,6 +51,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from embq.api import FormatInfo, QuantizedModel, formats, load, quantize, quantize_table, save
     from embq.dense.configs import DenseConfig
     from embq.embedding.configs import PQ, Float, RowCodebook, Rowwise, SharedCodebook, parse_format
+    from embq.models.dlrm import load_model
     from embq.plan import Plan
 
 

@@ -26,7 +26,7 @@ import os  # noqa: E402
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch + faiss OpenMP pools on 2 cores
 
-from embq.cli.quantize import quantize_model_dir  # noqa: E402
+import embq  # noqa: E402
 from embq.data.prepared import PreparedData, ids_to_kjt  # noqa: E402
 from embq.data.preprocess import prepare_criteo  # noqa: E402
 from embq.data.synth import write_synthetic  # noqa: E402
@@ -128,7 +128,7 @@ def main() -> None:
     by_format = {r["format"]: r for r in rows}
 
     print(f"[6/7] writing the {ARTIFACT_FORMAT} artifact", flush=True)
-    quantize_model_dir(work / "model", ARTIFACT_FORMAT, work / "model.embq")
+    embq.save(embq.quantize(model, ARTIFACT_FORMAT), work / "model.embq")
 
     print("[7/7] serving the artifact on loopback and scoring held-out rows over HTTP", flush=True)
     served = score_over_http(work / "model.embq", data)
