@@ -60,6 +60,12 @@ class QuantizedModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
+    def eval(self) -> QuantizedModel:
+        """Inference mode (the module is always in it; here so code written for torch modules
+        can call it)."""
+        self.module.eval()
+        return self
+
     @property
     def stats(self) -> dict[str, dict[str, Any]]:
         """{table name: {"format", "bytes", "fp32_bytes", "size_ratio", "relative_mse", ...}}."""
@@ -237,7 +243,10 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> Path:
 def _plan_of(artifact: Any) -> Plan:
     """The plan an artifact was written with, as far as its manifest tells: table formats, and
     the dense method when its towers were quantized by embq.dense."""
-    tables = tuple((name, entry.format) for name, entry in artifact.tables.items())
+    formats = [entry.format for entry in artifact.tables.values()]
+    common = max(set(formats), key=formats.count) if formats else None
+    tables = (("*", common),) if common else ()
+    tables += tuple((name, e.format) for name, e in artifact.tables.items() if e.format != common)
     meta = artifact.dense_meta or {}
     info = meta.get("info") or {}
     dense = None
@@ -285,3 +294,4 @@ def quantize_table(
     from embq.embedding.stream import quantize_table as stream_table
 
     return stream_table(src, fmt, out, **options)
+
