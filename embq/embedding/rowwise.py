@@ -189,7 +189,8 @@ def all_within(v: np.ndarray, limit: float) -> bool:
 
 def encode_minmax(x: np.ndarray, bits: int, limit: float | None = None) -> np.ndarray | None:
     """Min/max fused rows uint8 [n, bpr] by fbgemm's own packer (the reference TorchRec uses),
-    falling back to `encode_ranges` (byte-identical, tested) if fbgemm_gpu cannot load.
+    falling back to `encode_ranges` if fbgemm_gpu cannot load (the same bytes, tested, except
+    the sign of a zero bias where a row's minimum is a zero of both signs; same decoded rows).
 
     With `limit`, returns None instead when a value is NaN, infinite or beyond +-limit, which
     fbgemm's packer does not check (a NaN becomes an ordinary code). The check is one vectorised
