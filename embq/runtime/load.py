@@ -180,7 +180,7 @@ def build_inference_model(
     check_kernel_choice(kernel)
     embeddings = build_embedding_bags(tables, kernel)
     towers = load_dense_towers(config, dense_tensors, dense_meta)
-    core = DLRMCore(embeddings, towers, config.embedding_dim).eval()
+    core = DLRMCore(embeddings, towers, config.embedding_dim, config.dense_in_features).eval()
     if metadata is None:
         metadata = tables_metadata(config, tables, dense_meta, kernel)
     model = InferenceDLRM(core, config.dense_in_features, list(config.num_embeddings), metadata)

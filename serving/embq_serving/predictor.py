@@ -15,9 +15,10 @@ Inputs of one batch of B rows:
              - an int array-like [B, n_features], one id per feature per row, columns in the
                order of `input_spec.feature_names`.
 
-Every id must lie in [0, rows of the feature's table). Bad inputs are refused here, with a
-message naming the feature, row and value, before any kernel sees them: a kernel's own bounds
-check would only say that some index was out of range.
+Every id must lie in [0, rows of the feature's table). Bad inputs are refused with a message
+naming what is wrong (for ids: feature, row, value and table) before any kernel sees them: the
+shapes and types here, the ids by the model's own check (`embq.runtime.validate`), which every
+entry point shares.
 """
 
 from __future__ import annotations
@@ -146,32 +147,6 @@ def _as_ids(values: Any, what: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def check_id_ranges(values: np.ndarray, lengths: np.ndarray, spec: InputSpec) -> None:
-    """Refuse negative or too-large ids.
-
-    Args:
-        values: int64 [sum(lengths)], key-major (all ids of feature 0, then feature 1, ...).
-        lengths: int64 [n_features * B], bag sizes, key-major.
-        spec: the expected inputs (features in KJT order).
-    """
-    n_features = len(spec.feature_names)
-    batch = lengths.size // n_features
-    per_key = lengths.reshape(n_features, batch).sum(axis=1)
-    limit = np.repeat(np.asarray(spec.rows, dtype=np.int64), per_key)
-    bad = np.flatnonzero((values < 0) | (values >= limit))
-    if bad.size == 0:
-        return
-    # Map the first offenders back to (feature, row) for the message.
-    bag_of_value = np.repeat(np.arange(lengths.size), lengths)
-    parts = []
-    for i in bad[:_SHOWN]:
-        key, row = divmod(int(bag_of_value[i]), batch)
-        name = spec.feature_names[key]
-        parts.append(f"{name!r} row {row}: id {int(values[i])} not in [0, {spec.rows[key]})")
-    more = f" (and {bad.size - _SHOWN} more)" if bad.size > _SHOWN else ""
-    raise InvalidInputError("ids out of range: " + "; ".join(parts) + more)
-
-
 def _check_keys(keys: Sequence[str], spec: InputSpec) -> None:
     unknown = [k for k in keys if k not in spec.rows_by_feature]
     missing = [f for f in spec.feature_names if f not in set(keys)]
@@ -274,7 +249,8 @@ def sparse_batch(sparse: Any, spec: InputSpec, batch: int) -> tuple[np.ndarray, 
     Returns:
         (values int64 [N], lengths int64 [n_features * batch]), key-major in
         `spec.feature_names` order: exactly a KeyedJaggedTensor's values() and lengths() with
-        those keys.
+        those keys. The ids' ranges are checked by the model (`embq.runtime.validate`), the one
+        check every entry point shares.
     """
     if _is_kjt(sparse):
         if sparse.stride() != batch:
@@ -286,7 +262,6 @@ def sparse_batch(sparse: Any, spec: InputSpec, batch: int) -> tuple[np.ndarray, 
         values, lengths = _from_dict(sparse, spec, batch)
     else:
         values, lengths = _from_matrix(sparse, spec, batch)
-    check_id_ranges(values, lengths, spec)
     return np.ascontiguousarray(values), lengths
 
 
@@ -375,12 +350,23 @@ class BasePredictor:
         return torch.from_numpy(x), torch.from_numpy(values), torch.from_numpy(offsets)
 
     def _forward(self, dense: Any, sparse: Any):
-        """Validate, then run the model under the lock: logits, float32 tensor [B]."""
+        """Validate, then run the model under the lock: logits, float32 tensor [B]. The model
+        checks offsets and ids itself (`embq.runtime.validate`) before any kernel reads them."""
         import torch
 
+        from embq.runtime.validate import data_error_message
+
         x, values, offsets = self.prepare(dense, sparse)
-        with self._lock, torch.inference_mode():
-            return self._core(x, values, offsets).reshape(-1).float()
+        try:
+            with self._lock, torch.inference_mode():
+                return self._core(x, values, offsets).reshape(-1).float()
+        except DataError as e:
+            raise InvalidInputError(str(e)) from None
+        except (torch.jit.Error, RuntimeError) as e:  # a scripted model's DataError
+            message = data_error_message(e)
+            if message is None:
+                raise
+            raise InvalidInputError(message) from None
 
     def logits(self, dense: Any, sparse: Any) -> np.ndarray:
         """Logits (before the sigmoid), float32 [B]; same inputs as `predict`."""
