@@ -666,6 +666,7 @@ def _halved_towers(config, tensors, meta):
 
 
 def test_dense_kinds_dispatch_in_one_table(trained, tmp_path, monkeypatch):
+    from embq.artifact.seal import seal_artifact
     from embq.artifact.writer import write_model_artifact as write_artifact
     from embq.data.prepared import ids_to_kjt
     from embq.embedding.encode import encode_tables as quantize_tables
@@ -682,6 +683,9 @@ def test_dense_kinds_dispatch_in_one_table(trained, tmp_path, monkeypatch):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["dense"]["meta"]["kind"] = "int8-brecq-v9"
     (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="changed after the artifact was written"):
+        load_inference_model(path, verify=False)
+    seal_artifact(path)  # the edit was meant: record its digest
     with pytest.raises(ArtifactError, match="kind 'int8-brecq-v9'.*known kinds: \\['embq-dense-ptq', 'fp32'"):
         load_inference_model(path, verify=False)
     # a kind registered by "module:function" is imported when first needed

@@ -327,6 +327,17 @@ class BasePredictor:
         `embq.runtime.inference_metadata`)."""
         return copy.deepcopy(self._metadata)
 
+    def health(self) -> str | None:
+        """None while the predictor can serve, else why it cannot (see `Predictor`)."""
+        return None
+
+    def check_files(self) -> list[str]:
+        """What changed on disk under the model since it was loaded (nothing to watch here)."""
+        return []
+
+    def _guard(self) -> None:
+        """Called under the lock before every forward; raises to refuse serving."""
+
     def prepare(self, dense: Any, sparse: Any) -> tuple[Any, Any, Any]:
         """Validate one batch of B rows into the model's plain-tensor inputs.
 
@@ -359,6 +370,7 @@ class BasePredictor:
         x, values, offsets = self.prepare(dense, sparse)
         try:
             with self._lock, torch.inference_mode():
+                self._guard()
                 return self._core(x, values, offsets).reshape(-1).float()
         except DataError as e:
             raise InvalidInputError(str(e)) from None
@@ -393,13 +405,21 @@ class Predictor(BasePredictor):
     Thread-safe: see `BasePredictor` (one lock around the model's forward).
 
     Args:
-        path: the artifact directory (X.embq). Loading verifies sizes and sha256 checksums and
-            raises embq.ArtifactError for anything truncated or tampered with.
+        path: the artifact directory (X.embq). Loading verifies the manifest's digest, sizes and
+            sha256 checksums and raises embq.ArtifactError for anything truncated, edited or
+            tampered with.
         num_threads: if given, `torch.set_num_threads(num_threads)` (process-wide).
         kernel: the runtime's kernel choice (`embq.runtime.KERNEL_CHOICES`): "auto" (default,
             fastest: row-wise tables in fbgemm's TBE, short rows padded to a power of two),
             "compact" (least memory: 4-/2-bit tables read in place from the memory-mapped
             artifact by ATen's n-bit ops) or "tbe" (every row-wise table in the TBE, unpadded).
+        expect_digest: pin the artifact: "sha256:..." (its `digest`, as `metadata()["digest"]`
+            and `embq seal` show it); any other artifact is refused with an ArtifactError.
+
+    Attributes:
+        digest: the artifact's identity ("sha256:...", `embq.artifact.digest`).
+        files: the artifact's files with their state at load (`embq.artifact.watch`): `check_files`
+            compares the disk with it.
 
     Example:
         predictor = Predictor("runs/demo/int4.embq")
@@ -407,24 +427,85 @@ class Predictor(BasePredictor):
     """
 
     def __init__(
-        self, path: str | os.PathLike, num_threads: int | None = None, kernel: str = "auto"
+        self,
+        path: str | os.PathLike,
+        num_threads: int | None = None,
+        kernel: str = "auto",
+        expect_digest: str | None = None,
     ) -> None:
         import torch
 
+        from embq.artifact.digest import check_expected_digest
+        from embq.artifact.reader import load_artifact
+        from embq.artifact.watch import FileStates
+        from embq.runtime.kernel_choice import KERNEL_TBE, check_kernel_choice
         from embq.runtime.load import inference_metadata, load_inference_model
 
         super().__init__()
+        check_kernel_choice(kernel)
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
         self.path = Path(path)
         self.kernel = kernel
-        self._model = load_inference_model(self.path, kernel=kernel).eval()
-        self._metadata = inference_metadata(self.path, kernel)
+        artifact = load_artifact(self.path)
+        check_expected_digest(artifact.digest, expect_digest, str(artifact.path))
+        self.digest = artifact.digest
+        self._model = load_inference_model(artifact, kernel=kernel).eval()
+        self._metadata = inference_metadata(artifact, kernel)
+        # each file's state from before its checksum was checked: a change since then (even
+        # while loading) means the model may not be what was checked
+        self.files = artifact.file_states
+        changed = self.files.changes()
+        if changed:
+            raise ArtifactError(
+                f"{artifact.path} changed while it was being loaded ({'; '.join(changed)}); "
+                "publish artifacts by swapping in a new one, never by editing one in place"
+            )
+        # the table files the kernels read in place at every lookup (memory-mapped: "aten-nbit"
+        # and codebook bags; the TBE holds a copy): checked before every forward
+        mapped = [artifact.path / artifact.tables[t["name"]].file
+                  for t in self._metadata["tables"] if t["kernel"] != KERNEL_TBE]  # fmt: skip
+        self._mapped = FileStates({p: self.files.states[p] for p in mapped}, artifact.path)
+        self._changed: list[str] = []
         self.input_spec = InputSpec.from_metadata(self._metadata)
         # The runtime's core takes the plain tensors `prepare` validated; the model's KJT front
         # end would only repeat those checks. It is also exactly what TorchScript export saves.
         self._core = self._model.core
         self._warm_up()
+
+    def check_files(self) -> list[str]:
+        """Compare every file of the artifact with its state when it was checked at load; what
+        changed (removed, replaced, truncated, grown, modified in place). Once something has
+        changed the predictor stops serving for good (`health`): the model in memory may no
+        longer be the artifact that was checked, and a memory-mapped table file that shrank
+        would crash the process on its next lookup. A server calls this periodically."""
+        if not self._changed:
+            self._changed = self.files.changes()
+        return list(self._changed)
+
+    def health(self) -> str | None:
+        """None while the artifact on disk is the one loaded, else why it is not (from the
+        last `check_files`, or from the check of the memory-mapped table files that precedes
+        every forward)."""
+        if not self._changed:
+            return None
+        return (
+            f"the artifact {self.path} changed on disk after it was loaded: "
+            + "; ".join(self._changed)
+            + ". Artifacts are immutable once published: publish a new one and restart on it."
+        )
+
+    def _guard(self) -> None:
+        """Refuse (ArtifactError) to run once the artifact changed; before every forward, stat
+        the table files the kernels read in place, so that a file truncated under the model is
+        noticed before a lookup touches a page past its end (SIGBUS). A truncation during the
+        forward itself can still crash the process: never edit a published artifact."""
+        if not self._changed:
+            self._changed = self._mapped.changes()
+            if self._changed:  # say everything that changed, not only the mapped files
+                self._changed = self.files.changes() or self._changed
+        if self._changed:
+            raise ArtifactError(self.health() or "")
 
     def _warm_up(self) -> None:
         """Two tiny predictions at load: the runtime scripts its kernels on first use, and
