@@ -400,3 +400,19 @@ def test_embq_never_writes_into_a_published_artifact(int4, tmp_path):
         embq.quantize_table(tmp_path / "missing.npy", "int4", path)
     assert (table.read_bytes(), table.stat().st_mtime_ns) == state
     assert manifest(path) == manifest(int4)
+
+
+def test_a_symlink_flipped_to_a_new_artifact_is_noticed(int4, tmp_path):
+    """Publishing by flipping a symlink (`ln -sfn v2.embq current.embq`) is the atomic swap:
+    a predictor loaded through the link keeps serving what it loaded, and says the disk moved on
+    (a server restarts on the new one)."""
+    from embq_serving.predictor import Predictor
+
+    first, second = copy_of(int4, tmp_path, "v1.embq"), copy_of(int4, tmp_path, "v2.embq")
+    current = tmp_path / "current.embq"
+    current.symlink_to(first)
+    predictor = Predictor(current)
+    link = tmp_path / "next"
+    link.symlink_to(second)
+    os.replace(link, current)
+    assert "manifest.json was replaced by another file" in predictor.check_files()
