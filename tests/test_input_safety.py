@@ -130,3 +130,36 @@ def test_bags_from_requests_always_build_well_formed_offsets(mixed):
         with torch.inference_mode():
             want = torch.sigmoid(predictor.model.core(x, values, offsets)).numpy()
         np.testing.assert_array_equal(predictor.predict(dense, sparse), want)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "compact"])
+def test_non_contiguous_ids_are_read_as_they_are(kernel, mixed, tmp_path):
+    """A strided view of ids (valid input) was handed to the TBE / the n-bit op as if it were
+    contiguous: it read other ids (and raised from inside fbgemm). The check now passes the
+    kernels contiguous int64. Every table int4, so that one kernel takes the input as it is."""
+    from embq import cli
+    from embq_serving.predictor import Predictor
+
+    artifact = make_artifact(Path(mixed[0]).parent / "model", "int4", tmp_path / "int4.embq")
+    exported = tmp_path / "int4.pt"
+    argv = ["export", str(artifact), "--torchscript", str(exported), "--no-check"]
+    assert cli.main([*argv, "--kernel", kernel]) == 0
+    predictor = Predictor(artifact, kernel=kernel)
+    dense, sparse = sample_batch_for_safety()
+    x, values, offsets = predictor.prepare(dense, sparse)
+    strided = torch.stack([values, torch.zeros_like(values)], dim=1)[:, 0]
+    assert not strided.is_contiguous()
+    scripted = torch.jit.load(str(exported))
+    with torch.inference_mode():
+        want = predictor.model.core(x, values, offsets)
+        torch.testing.assert_close(predictor.model.core(x, strided, offsets), want, atol=0, rtol=0)
+        torch.testing.assert_close(scripted(x, strided, offsets), want, atol=0, rtol=0)
+        torch.testing.assert_close(
+            predictor.model.core(x, values.int(), offsets.int()), want, atol=0, rtol=0
+        )
+
+
+def sample_batch_for_safety():
+    from tests.test_serving import sample_batch
+
+    return sample_batch(batch=16, seed=4)

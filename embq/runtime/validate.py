@@ -53,15 +53,15 @@ def _kind(t: torch.Tensor) -> str:
 
 
 def check_dense(dense: torch.Tensor, batch: int, n_dense: int) -> torch.Tensor:
-    """float32 [B, n_dense] from a float tensor of that shape with finite values; DataError
-    otherwise (`batch` < 0 accepts any B)."""
+    """float32 [B, n_dense] from a real (float or integer) tensor of that shape whose values are
+    finite in float32; DataError otherwise (`batch` < 0 accepts any B)."""
     if dense.dim() != 2 or dense.shape[1] != n_dense or (batch >= 0 and dense.shape[0] != batch):
         expected = "B" if batch < 0 else str(batch)
         raise DataError(
             f"Expected dense of shape [{expected}, {n_dense}], but got {list(dense.shape)}"
         )
-    if not dense.is_floating_point():
-        raise DataError(f"Expected float dense values, but got {_kind(dense)} values")
+    if dense.is_complex() or dense.dtype == torch.bool:
+        raise DataError(f"Expected real dense values, but got {_kind(dense)} values")
     x = dense.to(torch.float32)
     finite = torch.isfinite(x)
     if not bool(finite.all()):
@@ -78,7 +78,7 @@ class SparseCheck(torch.nn.Module):
     """The check of a jagged sparse input (see the module docstring); scriptable.
 
     forward(values int [N], offsets int [F * B + 1]) -> (values int64, offsets int64, B):
-    the input as int64 (no copy when it already is), once checked.
+    the input as contiguous int64 (no copy when it already is), once checked.
 
     Args:
         feature_names: the F features, in the input's key-major order.
@@ -107,8 +107,10 @@ class SparseCheck(torch.nn.Module):
         self, values: torch.Tensor, offsets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         batch = self.check_offsets(values, offsets)
-        values = values.to(torch.int64)
-        offsets = offsets.to(torch.int64)
+        # the kernels read raw contiguous int64 buffers: a strided view would be read as if it
+        # were contiguous (other ids, silently, or past the view's end)
+        values = values.to(torch.int64).contiguous()
+        offsets = offsets.to(torch.int64).contiguous()
         self.check_ids(values, offsets, batch)
         return values, offsets, batch
 
