@@ -62,6 +62,13 @@ class QuantizedModel:
         return self._module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.config is None and len(args) == 1 and hasattr(args[0], "offsets"):
+            # an EBC called with a KeyedJaggedTensor: TorchRec's quant EBC (fbgemm's TBE) trusts
+            # its offsets, so it gets the one input check first (embq.runtime.validate)
+            from embq.runtime.validate import check_kjt
+
+            check_kjt(args[0], {f: t.rows for t in self.tables for f in t.feature_names},
+                      {f: t.name for t in self.tables for f in t.feature_names})  # fmt: skip
         return self.module(*args, **kwargs)
 
     def eval(self) -> QuantizedModel:

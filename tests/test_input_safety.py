@@ -163,3 +163,45 @@ def sample_batch_for_safety():
     from tests.test_serving import sample_batch
 
     return sample_batch(batch=16, seed=4)
+
+
+_EBC_ATTACKS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import embq
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from tests.test_runtime import _ebc
+
+q = embq.quantize(_ebc([16, 16]), json.loads(sys.argv[2]), progress=False)
+for name, values, offsets in (
+    ("inner offset -10^9", [1, 2, 3, 4, 5, 6, 7, 8], [0, 2, -10**9, 6, 8]),
+    ("inner offset past the end", [1, 2, 3, 4, 5, 6, 7, 8], [0, 2, 4, 10**6, 8]),
+    ("id past its table", [1, 10**6, 3, 4, 5, 6, 7, 8], [0, 2, 4, 6, 8]),
+):
+    kjt = KeyedJaggedTensor(keys=["f0", "f1"], values=torch.tensor(values),
+                            offsets=torch.tensor(offsets))
+    try:
+        q(kjt)
+        outcome = "answered"
+    except embq.EmbqError as e:
+        outcome = "refused: " + str(e)
+    print(json.dumps({"attack": name, "outcome": outcome}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("plan", ["int4", {"*": "int4", "t_f1": "cb4-row"}], ids=["tbe", "mixed"])
+def test_a_quantized_ebc_refuses_hostile_kjts(plan):
+    """`embq.quantize(ebc, plan)` serves TorchRec's quant EBC (its TBE adjusted bad offsets
+    silently) or, with codebooks, a mixed collection whose KJT permutation read outside the ids
+    ("free(): invalid pointer"); both now get the one check first."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _EBC_ATTACKS, str(root), json.dumps(plan)],
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 3
+    for r in results:
+        assert r["outcome"].startswith("refused: "), r
+    assert "non-decreasing offsets" in results[0]["outcome"]
+    assert "id 1000000 not in [0, 300)" in results[2]["outcome"]

@@ -193,6 +193,22 @@ class SparseCheck(torch.nn.Module):
         return "ids out of range: " + "; ".join(parts) + more
 
 
+def check_kjt(kjt: Any, rows_by_feature: dict[str, int], table_by_feature: dict[str, str]) -> None:
+    """Check a KeyedJaggedTensor as `SparseCheck` checks plain tensors, in its own key order:
+    its offsets inside its values, and the ids of every feature a table serves inside that
+    table (keys no table serves are not looked up, so their ids are not checked). For modules
+    that hand a KJT to TorchRec / fbgemm ops, which trust its offsets; DataError otherwise."""
+    keys = [str(k) for k in kjt.keys()]
+    if not keys:
+        raise DataError("Expected a KeyedJaggedTensor with at least one key, but got none")
+    check = SparseCheck(
+        keys,
+        [table_by_feature.get(k, "") for k in keys],
+        [rows_by_feature.get(k, NO_TABLE) for k in keys],
+    )
+    check(kjt.values(), kjt.offsets())
+
+
 def data_error_message(error: BaseException) -> str | None:
     """The DataError message a scripted module raised (in a torch.jit.Error, or a RuntimeError
     when raised in a forked task), or None for any other error."""
