@@ -28,6 +28,7 @@ import itertools
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,6 +399,14 @@ class BasePredictor:
         return self.predict(dense, sparse)
 
 
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class Predictor(BasePredictor):
     """An embq artifact served on CPU with embq.runtime's kernels (fbgemm TBE for row-wise
     tables, codebook bags for the rest): validated inputs in, click probabilities out.
@@ -418,8 +427,8 @@ class Predictor(BasePredictor):
 
     Attributes:
         digest: the artifact's identity ("sha256:...", `embq.artifact.digest`).
-        files: the artifact's files with their state at load (`embq.artifact.watch`): `check_files`
-            compares the disk with it.
+        files: the artifact's files with their state when they were checked at load
+            (`embq.artifact.watch`): `check_files` compares the disk with it.
 
     Example:
         predictor = Predictor("runs/demo/int4.embq")
@@ -437,7 +446,6 @@ class Predictor(BasePredictor):
 
         from embq.artifact.digest import check_expected_digest
         from embq.artifact.reader import load_artifact
-        from embq.artifact.watch import FileStates
         from embq.runtime.kernel_choice import KERNEL_TBE, check_kernel_choice
         from embq.runtime.load import inference_metadata, load_inference_model
 
@@ -462,11 +470,18 @@ class Predictor(BasePredictor):
                 "publish artifacts by swapping in a new one, never by editing one in place"
             )
         # the table files the kernels read in place at every lookup (memory-mapped: "aten-nbit"
-        # and codebook bags; the TBE holds a copy): checked before every forward
-        mapped = [artifact.path / artifact.tables[t["name"]].file
-                  for t in self._metadata["tables"] if t["kernel"] != KERNEL_TBE]  # fmt: skip
-        self._mapped = FileStates({p: self.files.states[p] for p in mapped}, artifact.path)
+        # and codebook bags; the TBE holds a copy), held open and fstat-ed before every forward:
+        # a truncation or an in-place write of the mapped file shows in its size and times
+        # (~2 us a file here; a stat by path, which also sees replacements, is the watcher's)
         self._changed: list[str] = []
+        self._mapped: list[tuple[int, tuple[int, int, int]]] = []
+        for t in self._metadata["tables"]:
+            if t["kernel"] != KERNEL_TBE:
+                path = artifact.path / artifact.tables[t["name"]].file
+                state = self.files.states[path]
+                fd = os.open(path, os.O_RDONLY)
+                self._mapped.append((fd, (state.size, state.mtime_ns, state.ctime_ns)))
+        weakref.finalize(self, _close_all, [fd for fd, _ in self._mapped])
         self.input_spec = InputSpec.from_metadata(self._metadata)
         # The runtime's core takes the plain tensors `prepare` validated; the model's KJT front
         # end would only repeat those checks. It is also exactly what TorchScript export saves.
@@ -496,14 +511,16 @@ class Predictor(BasePredictor):
         )
 
     def _guard(self) -> None:
-        """Refuse (ArtifactError) to run once the artifact changed; before every forward, stat
+        """Refuse (ArtifactError) to run once the artifact changed; before every forward, fstat
         the table files the kernels read in place, so that a file truncated under the model is
         noticed before a lookup touches a page past its end (SIGBUS). A truncation during the
         forward itself can still crash the process: never edit a published artifact."""
         if not self._changed:
-            self._changed = self._mapped.changes()
-            if self._changed:  # say everything that changed, not only the mapped files
-                self._changed = self.files.changes() or self._changed
+            for fd, recorded in self._mapped:
+                st = os.fstat(fd)
+                if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != recorded:
+                    self._changed = self.files.changes() or ["a memory-mapped table file changed"]
+                    break
         if self._changed:
             raise ArtifactError(self.health() or "")
 
