@@ -37,10 +37,13 @@ class QuantizedModel:
         config: the `embq.models.dlrm.DLRMConfig`, or None for an EBC.
         dense: (tensors, meta) of the dense section as the artifact stores it, or None.
         path: the artifact it was loaded from (or saved to last), else None.
+        digest: that artifact's identity, "sha256:..." (`embq.artifact.digest`: the manifest
+            and, through it, every file), else None.
     """
 
     def __init__(self, module: Any, plan: Plan, tables: list, config: Any = None,
-                 dense: tuple[dict, dict] | None = None, path: Path | None = None) -> None:  # fmt: skip
+                 dense: tuple[dict, dict] | None = None, path: Path | None = None,
+                 digest: str | None = None) -> None:  # fmt: skip
         # `module` may be a zero-argument function that builds it: built on first use, so that
         # quantize-then-save never copies the tables into kernels it does not run
         self._module = module
@@ -49,6 +52,7 @@ class QuantizedModel:
         self.config = config
         self.dense = dense
         self.path = path
+        self.digest = digest
 
     @property
     def module(self) -> Any:
@@ -58,6 +62,13 @@ class QuantizedModel:
         return self._module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.config is None and len(args) == 1 and hasattr(args[0], "offsets"):
+            # an EBC called with a KeyedJaggedTensor: TorchRec's quant EBC (fbgemm's TBE) trusts
+            # its offsets, so it gets the one input check first (embq.runtime.validate)
+            from embq.runtime.validate import check_kjt
+
+            check_kjt(args[0], {f: t.rows for t in self.tables for f in t.feature_names},
+                      {f: t.name for t in self.tables for f in t.feature_names})  # fmt: skip
         return self.module(*args, **kwargs)
 
     def eval(self) -> QuantizedModel:
@@ -228,15 +239,15 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> Path:
 
     if not isinstance(qmodel, QuantizedModel):
         raise ConfigError(f"save() takes what embq.quantize returns, got {type(qmodel).__name__}")
-    if qmodel.config is not None:
-        out = write_model_artifact(path, qmodel.tables, qmodel.config, *qmodel.dense)
-    else:
-        with ArtifactWriter(path) as writer:
+    with ArtifactWriter(path) as writer:
+        if qmodel.config is not None:
+            write_model_artifact(writer, qmodel.tables, qmodel.config, *qmodel.dense)
+        else:
             for t in qmodel.tables:
                 writer.add_table(t.name, t.format, t.codes, t.dim, params=t.params,
                                  feature_names=t.feature_names, stats=t.stats)  # fmt: skip
-            out = writer.publish()
-    qmodel.path = Path(out)
+        out = writer.publish()
+    qmodel.path, qmodel.digest = Path(out), writer.digest
     return Path(out)
 
 
@@ -255,30 +266,36 @@ def _plan_of(artifact: Any) -> Plan:
     return Plan(tables, dense)
 
 
-def load(path: str | os.PathLike, kernel: str = "auto", verify: bool = True) -> QuantizedModel:
-    """Load an artifact for inference: every file's size and checksum checked (`verify`), tables
-    on the runtime's kernels (`kernel`: "auto", "compact" or "tbe"), memory-mapped.
+def load(path: str | os.PathLike, kernel: str = "auto", verify: bool = True,
+         expect_digest: str | None = None) -> QuantizedModel:  # fmt: skip
+    """Load an artifact for inference: its manifest's digest and every file's size and checksum
+    checked (`verify`), tables on the runtime's kernels (`kernel`: "auto", "compact" or "tbe"),
+    memory-mapped. `expect_digest` ("sha256:...") pins the artifact: any other is refused.
 
     Raises:
-        ArtifactError: a missing, truncated, tampered or unknown artifact.
+        ArtifactError: a missing, truncated, tampered, unsealed or unknown artifact, or one
+            whose digest is not `expect_digest`.
         ConfigError: an unknown kernel choice.
     """
+    from embq.artifact.digest import check_expected_digest
     from embq.artifact.reader import load_artifact
     from embq.runtime.bags import artifact_tables, build_embedding_bags, model_pooling
     from embq.runtime.kernel_choice import check_kernel_choice
-    from embq.runtime.load import dlrm_config, load_inference_model
+    from embq.runtime.load import built_from, dlrm_config, load_inference_model
 
     check_kernel_choice(kernel)
     artifact = load_artifact(path, verify=verify)
+    check_expected_digest(artifact.digest, expect_digest, str(artifact.path))
     plan = _plan_of(artifact)
     tables = artifact_tables(artifact, model_pooling(artifact))
     if (artifact.model or {}).get("type") != "dlrm":
-        module = build_embedding_bags(tables, kernel)
-        return QuantizedModel(module, plan, tables, path=artifact.path)
+        module = built_from(artifact, "the table lookups", build_embedding_bags, tables, kernel)
+        return QuantizedModel(module, plan, tables, path=artifact.path, digest=artifact.digest)
     config = dlrm_config(artifact)
     module = load_inference_model(artifact, kernel=kernel)
     dense = (artifact.dense(), dict(artifact.dense_meta or {}))
-    return QuantizedModel(module, plan, tables, config, dense, path=artifact.path)
+    return QuantizedModel(module, plan, tables, config, dense, path=artifact.path,
+                          digest=artifact.digest)  # fmt: skip
 
 
 def quantize_table(

@@ -58,8 +58,16 @@ def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(p: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: the first `numel` codes, int64."""
+    """Inverse of `pack_codes`: the first `numel` codes, int64. The packed size must be exactly
+    what `pack_codes` writes for `numel` codes of `bits` (a bit width edited in the metadata
+    would otherwise read other codes silently)."""
     p = p.reshape(-1).to(torch.uint8)
+    expected = -(-numel // (8 // bits)) if bits in (1, 2, 4) else numel
+    if p.numel() != expected:
+        raise ArtifactError(
+            f"packed {bits}-bit codes of {numel} values take {expected} bytes, but the tensor "
+            f"holds {p.numel()}: the codes and the bit width in the metadata disagree"
+        )
     if bits not in (1, 2, 4):
         out = p.to(torch.int64)
     else:
