@@ -137,9 +137,12 @@ def test_run_lapq_record_and_final_state(toy):
     assert fit["start"] == min(fit["minmax"], fit["lp_init"])
     assert fit["powell"] <= fit["start"]
     # ... and the result is never worse, on the held-back calibration rows, than min/max
-    # (round-to-nearest's clipping) or the Lp initialisation
-    assert sel[rec["chosen"]] == min(sel.values())
-    assert sel[rec["chosen"]] <= sel["minmax"] and sel[rec["chosen"]] <= sel["lp_init"]
+    # (round-to-nearest's clipping); it is the best candidate there unless that one beats
+    # min/max by no more than one paired standard error
+    assert sel[rec["best"]] == min(sel.values())
+    assert sel[rec["chosen"]] <= sel["minmax"]
+    gain = sel["minmax"] - sel[rec["best"]]
+    assert rec["chosen"] == (rec["best"] if gain > rec["select_gain_se"] else "minmax")
     assert len(rec["multipliers"]) == len(rec["variables"]) == 10
     assert all(0.05 <= m for m in rec["multipliers"])
     # the frozen towers are the chosen model: its KL from fp32 on the selection rows, recomputed
@@ -159,7 +162,7 @@ def test_lapq_labels_objective_and_no_selection_split(toy):
     assert rec["objective"] == "bce_labels" and rec["select_rows"] == 0
     assert rec["fit_rows"] == len(cache)
     chosen = rec["select_loss"][rec["chosen"]]
-    assert chosen <= rec["fit_loss"]["start"] + 1e-12  # chosen on the rows Powell ran on
+    assert chosen <= rec["select_loss"]["minmax"] + 1e-12  # chosen on the rows Powell ran on
     y = torch.cat([b.labels for b in calib]).numpy()
     assert numpy_bce(end_to_end_logits(towers, calib), y) == pytest.approx(chosen, abs=1e-6)
 
@@ -171,6 +174,24 @@ def test_lapq_bad_options(toy):
         run_lapq(towers, cache, DenseQuantConfig(w_bits=4, a_bits=8), target="kl")
     with pytest.raises(ConfigError, match="select_fraction"):
         run_lapq(towers, cache, DenseQuantConfig(w_bits=4, a_bits=8), select_fraction=1.0)
+    with pytest.raises(ConfigError, match="widen"):
+        run_lapq(towers, cache, DenseQuantConfig(w_bits=4, a_bits=8), widen=0.5)
+
+
+def test_unresolved_gain_keeps_round_to_nearest(toy):
+    """With a margin no gain can clear, LAPQ returns exactly round-to-nearest's towers."""
+    from embq.dense.methods.rtn import run_rtn
+
+    model, _, cache = toy
+    lapq = QuantizedDLRMTowers.from_model(model)
+    rec = run_lapq(lapq, cache, DenseQuantConfig(w_bits=4, a_bits=4), ps=(2.0, 3.0, 4.0), maxiter=1,
+                   max_evals=30, select_margin=1e9)  # fmt: skip
+    assert rec["chosen"] == "minmax"
+    rtn = QuantizedDLRMTowers.from_model(model)
+    run_rtn(rtn, cache, DenseQuantConfig(w_bits=4, a_bits=4))
+    for a, b in zip(lapq.layers(), rtn.layers()):
+        assert torch.equal(a.wq.scale, b.wq.scale) and torch.equal(a.codes, b.codes)
+        assert torch.equal(a.aq.scale, b.aq.scale)
 
 
 def test_selection_split_is_disjoint_and_seeded():

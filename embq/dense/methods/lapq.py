@@ -9,7 +9,9 @@
    from the better (on that loss) of the Lp initialisation and the min/max ranges.
 3. Selection. The calibration rows are split: `select_fraction` of them (seeded, random) are
    held back from steps 1-2, and the result is the best, on those rows, of the min/max ranges
-   (round-to-nearest's clipping), the Lp initialisation and Powell's point; ties keep min/max.
+   (round-to-nearest's clipping), the Lp initialisation and Powell's point, unless it beats
+   min/max there by no more than `select_margin` paired standard errors: then min/max stays
+   (a gain the held-back rows cannot resolve is not worth leaving round-to-nearest for).
 
 The loss (`LapqObjective`) is, by default (`target="fp32"`), the mean KL divergence from the fp32
 model's click probability to the quantized model's, on the calibration rows: BCE-with-logits
@@ -24,13 +26,15 @@ eval_dense.py, cells lapq_labels_*). The KL has no label term, so its minimum on
 is where the quantized model agrees best with the fp32 one.
 
 The search variable of tensor l is a multiplier m_l of its starting range: the clip is
-m_l * [lo_l, hi_l], never wider than the tensor's min/max range (a wider clip only coarsens the
-grid). With per-channel weights (our option; the reference is per-tensor) one multiplier scales
-all of a layer's per-channel ranges, so the dimension stays two per layer.
+m_l * [lo_l, hi_l], capped per channel at `widen` x the tensor's min/max range (default 1: a
+clip, never a wider range than the data's; the reference searches m up to 4 x its start). With
+per-channel weights (our option; the reference is per-tensor) one multiplier scales all of a
+layer's per-channel ranges, so the dimension stays two per layer.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -70,13 +74,14 @@ class ClipVariable:
     hi: torch.Tensor
     cap_lo: torch.Tensor | None = None
     cap_hi: torch.Tensor | None = None
+    widen: float = 1.0  # the clip may reach widen x the min/max range
 
     def cap_ratio(self) -> torch.Tensor:
-        """Per channel, the largest multiplier that stays inside the min/max range."""
+        """Per channel, the largest multiplier that stays inside widen x the min/max range."""
         if self.cap_lo is None or self.cap_hi is None:
             return torch.full((self.lo.numel(),), float("inf"))
         start = _extent(self.lo, self.hi)
-        return torch.where(start > 0, _extent(self.cap_lo, self.cap_hi) / start, 1.0)
+        return torch.where(start > 0, self.widen * _extent(self.cap_lo, self.cap_hi) / start, 1.0)
 
     def apply(self, multiplier: float) -> None:
         m = torch.clamp(self.cap_ratio(), max=multiplier).reshape(self.lo.shape)
@@ -112,6 +117,15 @@ class LapqObjective:
         for var, m in zip(self.variables, np.asarray(theta, dtype=np.float64).reshape(-1)):
             var.apply(float(m))
 
+    def row_losses(self) -> torch.Tensor:
+        """Per calibration row, the loss of the towers as they are now (float64 [N])."""
+        z = logits(self.towers, self.cache).double()
+        if self.targets is None:
+            return F.binary_cross_entropy_with_logits(z, self.cache.labels.double(), reduction="none")
+        p = self.targets.clamp(1e-12, 1 - 1e-12)
+        h = -(p * p.log() + (1 - p) * (1 - p).log())
+        return F.binary_cross_entropy_with_logits(z, self.targets, reduction="none") - h
+
     def loss(self) -> float:
         """The loss of the towers as they are now (no clips applied)."""
         z = logits(self.towers, self.cache).double()
@@ -129,7 +143,7 @@ class LapqObjective:
 
 
 def _variables(
-    towers: QuantizedDLRMTowers, ranges: Ranges, caps: Ranges | None = None
+    towers: QuantizedDLRMTowers, ranges: Ranges, caps: Ranges | None = None, widen: float = 1.0
 ) -> list[ClipVariable]:
     out = []
     for layer in towers.layers():
@@ -137,7 +151,7 @@ def _variables(
             key = f"{layer.name}.{kind}"
             if q is not None and key in ranges:
                 cap = caps.get(key) if caps is not None else None
-                out.append(ClipVariable(key, q, *ranges[key], *(cap or (None, None))))
+                out.append(ClipVariable(key, q, *ranges[key], *(cap or (None, None)), widen))
     return out
 
 
@@ -195,6 +209,8 @@ def run_lapq(
     lp_values: int = 1 << 17,
     target: str = "fp32",
     select_fraction: float = 0.25,
+    select_margin: float = 1.0,
+    widen: float = 1.0,
     seed: int = 0,
 ) -> dict:
     """LAPQ on the towers; returns the search record.
@@ -210,12 +226,18 @@ def run_lapq(
         select_fraction: share of the calibration rows held back from the sweep and Powell to
             choose between min/max, the Lp initialisation and Powell's result (0: choose on the
             same rows).
+        select_margin: paired standard errors (over the selection rows) by which a candidate
+            must beat min/max to be chosen over it (0: the plain best).
+        widen: cap of every clip, as a multiple of the tensor's min/max range (per channel).
         seed: seed of the fit / selection split.
     """
     if target not in ("labels", "fp32"):
         raise ConfigError(f"LAPQ target must be 'labels' or 'fp32', got {target!r}.")
     if not 0.0 <= select_fraction < 1.0:
         raise ConfigError(f"LAPQ select_fraction must be in [0, 1), got {select_fraction!r}.")
+    if not widen >= 1.0 or not select_margin >= 0.0:
+        raise ConfigError(f"LAPQ needs widen >= 1 and select_margin >= 0, got widen={widen!r}, "
+                          f"select_margin={select_margin!r}.")  # fmt: skip
     attach_quantizers(towers, cache, config)
     with quant_disabled(towers):
         inputs = layer_inputs(towers, cache)
@@ -245,7 +267,7 @@ def run_lapq(
     # 2. Powell over all clipping values jointly, from the better start, on the fit rows
     fit_minmax, fit_init = loss_of(minmax, fit, fit_soft), loss_of(init, fit, fit_soft)
     start_name, start = ("lp_init", init) if fit_init <= fit_minmax else ("minmax", minmax)
-    objective = LapqObjective(towers, fit, _variables(towers, start, minmax), fit_soft)
+    objective = LapqObjective(towers, fit, _variables(towers, start, minmax, widen), fit_soft)
     n = len(objective.variables)
     x0 = np.ones(n)
     upper = np.array([max(1.0, float(v.cap_ratio().max())) for v in objective.variables])
@@ -268,13 +290,19 @@ def run_lapq(
 
     # 3. choose on the selection rows; min/max first, so that ties keep round-to-nearest
     candidates = {"minmax": (minmax, None), "lp_init": (init, None), "powell": (start, theta)}
-    scores = {}
+    rows, scores = {}, {}
     for name, (ranges, th) in candidates.items():
-        obj = LapqObjective(towers, sel, _variables(towers, ranges, minmax), sel_soft)
-        scores[name] = obj(np.ones(n) if th is None else th)
-    chosen = min(scores, key=lambda k: scores[k])  # first of equal minima: dict order
+        obj = LapqObjective(towers, sel, _variables(towers, ranges, minmax, widen), sel_soft)
+        obj.apply(np.ones(n) if th is None else th)
+        rows[name] = obj.row_losses()
+        scores[name] = float(rows[name].mean())
+    best = min(scores, key=lambda k: scores[k])  # first of equal minima: dict order
+    diff = rows[best] - rows["minmax"]
+    gain_se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    # keep round-to-nearest's clipping unless the gain on the held-back rows is clear
+    chosen = best if -float(diff.mean()) > select_margin * gain_se else "minmax"
     ranges, th = candidates[chosen]
-    final = LapqObjective(towers, sel, _variables(towers, ranges, minmax), sel_soft)
+    final = LapqObjective(towers, sel, _variables(towers, ranges, minmax, widen), sel_soft)
     final.apply(np.ones(n) if th is None else th)
     towers.freeze()
     return {
@@ -292,6 +320,8 @@ def run_lapq(
         "fit_loss": {"minmax": fit_minmax, "lp_init": fit_init, "start": fit_start,
                      "powell": fit_powell},  # fmt: skip
         "select_loss": scores,
+        "select_gain_se": gain_se,
+        "best": best,
         "chosen": chosen,
         "powell_evaluations": objective.evaluations,
         "powell_iterations": iterations,
