@@ -33,8 +33,9 @@ def layer_serving(weight: dict[str, Any], act: dict[str, Any] | None,
     """The "serving" entry of one layer from its dense-meta "weight" and "act" entries.
 
     Returns {"kernel", "weight_bits" (as stored), "runtime_weight_bits" (as multiplied: 8 on the
-    int8 kernel, 32 otherwise), "act_bits" (32 = none), "runtime_bytes" (what the served layer
-    holds for its weight and bias, bytes)}.
+    int8 kernel, 32 otherwise), "act_bits" (32 = none), "runtime_bytes" (the served layer's
+    weights, bias and per-channel parameters at their runtime widths, bytes; fbgemm's packed
+    layout pads this a little)}.
     """
     kind = weight.get("kind")
     w_bits = 32 if kind == FP32 else int(weight["spec"]["bits"] if kind == "uniform" else weight["bits"])

@@ -87,8 +87,7 @@ def _int8_layer(layer: Any) -> Int8StaticLinear:
     with warnings.catch_warnings():
         # torch 2.13 deprecates creating quantized tensors; prepacking still takes one, and
         # nothing quantized is created at inference (the kernel takes float inputs)
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
-        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         int8 = codes.to(torch.int8)
         if spec.per_channel:
             qweight = torch._make_per_channel_quantized_tensor(int8, scale, w_zp, 0)
@@ -163,6 +162,13 @@ def load_ptq_towers(config: DLRMConfig, tensors: dict[str, torch.Tensor], meta: 
     _check_dims(list(towers.top), config.embedding_dim + choose(n, 2) + n, list(config.over_arch),
                 "top")  # fmt: skip
     use_int8 = int8_kernels and int8_kernels_available()
+    if int8_kernels and not use_int8 and INT8_STATIC in kernels:
+        warnings.warn(
+            f"torch's quantized engine is {torch.backends.quantized.engine!r}, not fbgemm's "
+            f"({' or '.join(FBGEMM_ENGINES)}): the dense layers meant for fbgemm's int8 kernel "
+            "run in float32 with their quantizers simulated",
+            stacklevel=2,
+        )
     served = [serve_layer(layer, k, use_int8) for layer, k in zip(layers, kernels)]
     nb = len(towers.bottom)
     return DenseTowers(nn.Sequential(*served[:nb]).eval(), DotInteraction(num_sparse_features=n),
