@@ -213,3 +213,22 @@ def test_bad_dense_spec_is_a_config_error(trained, tmp_path):
         quantize_model_dir(model_dir, "int8", tmp_path / "x.embq", dense="brecq-4", data_dir=data.path)
     with pytest.raises(ConfigError, match="--data"):
         quantize_model_dir(model_dir, "int8", tmp_path / "y.embq", dense="rtn:w8a8")
+
+
+def test_other_quantized_engines_fall_back_to_the_simulation(trained, artifacts):
+    from embq.runtime.dense_layers import FloatLinear
+    from embq.runtime.dense_towers import load_dense_towers
+
+    if "qnnpack" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no second quantized engine in this torch build")
+    model_dir, _ = trained
+    _, config = load_model(model_dir)
+    art = load_artifact(artifacts["rtn:w4a8"])
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "qnnpack"
+        with pytest.warns(UserWarning, match="qnnpack"):
+            towers = load_dense_towers(config, art.dense(), art.dense_meta)
+    finally:
+        torch.backends.quantized.engine = engine
+    assert all(isinstance(m, FloatLinear) for m in (*towers.dense_arch, *towers.over_arch))
