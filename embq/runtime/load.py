@@ -12,7 +12,7 @@ from embq.artifact.schema import QuantizedTable
 from embq.errors import ArtifactError, EmbqError
 from embq.models.dlrm import DLRMConfig
 from embq.runtime.bags import artifact_tables, build_embedding_bags, model_pooling
-from embq.runtime.dense_towers import load_dense_towers
+from embq.runtime.dense_towers import dense_layer_kernels, load_dense_towers
 from embq.runtime.dlrm import DLRMCore, InferenceDLRM
 from embq.runtime.kernel_choice import check_kernel_choice, table_kernel, table_memory_bytes
 
@@ -62,7 +62,10 @@ def inference_metadata(
          "memory_bytes": total memory_bytes of the tables,
          "fp32_bytes": what the same tables take in fp32 (rows * dim * 4),
          "formats": {format: number of tables},
-         "dense": {"kind", "bytes"} | None,
+         "dense": {"kind", "bytes", "version" (of a PTQ section's layout; None for fp32),
+                   "layers": [{name, kernel ("fbgemm-int8-static" | "dequantized-fp32" |
+                               "fp32"), weight_bits (stored), runtime_weight_bits (multiplied),
+                               act_bits, runtime_bytes}] for PTQ towers, else None} | None,
          "inputs": {"dense": {"shape": [None, n_dense], "dtype": "float32"} | None,
                     "sparse": {"feature_names": [...], "table_rows": {feature: rows},
                                "values": "int64 [N], key-major in feature_names order",
@@ -80,8 +83,8 @@ def inference_metadata(
         for name, e in artifact.tables.items()
     ]  # fmt: skip
     dense = artifact.manifest.get("dense")
-    dense_info = None if dense is None else {
-        "kind": (dense.get("meta") or {}).get("kind"), "bytes": dense.get("bytes")}  # fmt: skip
+    dense_info = None if dense is None else _dense_metadata(dense.get("meta") or {},
+                                                            dense.get("bytes"))  # fmt: skip
     is_dlrm = model.get("type") == "dlrm"
     n_dense = (model.get("config") or {}).get("dense_in_features") if is_dlrm else None
     return _assemble_metadata(tables, is_dlrm, n_dense, dense_info, artifact.digest)
@@ -97,7 +100,14 @@ def tables_metadata(config: DLRMConfig, tables: list[QuantizedTable],
         rows.append(_table_metadata(t.name, t.format, t.rows, t.dim, int(t.stats["bytes"]), bpr,
                                     t.feature_names, t.pooling, t.stats, kernel))  # fmt: skip
     return _assemble_metadata(rows, True, config.dense_in_features,
-                              {"kind": dense_meta.get("kind"), "bytes": None})  # fmt: skip
+                              _dense_metadata(dense_meta, None))  # fmt: skip
+
+
+def _dense_metadata(meta: dict[str, Any], nbytes: int | None) -> dict[str, Any]:
+    """What the loader reads from a dense section: its kind, format version and, for PTQ towers,
+    each layer's kernel and bit widths (`dense_layer_kernels`)."""
+    return {"kind": meta.get("kind"), "bytes": nbytes, "version": meta.get("version"),
+            "layers": dense_layer_kernels(meta)}  # fmt: skip
 
 
 def _table_metadata(name: str, fmt: str, rows: int, dim: int, nbytes: int, bytes_per_row: int,
