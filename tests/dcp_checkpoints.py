@@ -91,11 +91,10 @@ def _rowwise_worker(rank: int, world: int, port: int, config: dict, out: str, se
                     splits: dict) -> None:  # fmt: skip
     import warnings
 
-    import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
     from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
     from embq.models.dlrm import DLRMConfig, build_dlrm
 

@@ -265,7 +265,7 @@ def test_incomplete_or_corrupt_checkpoints_are_refused(checkpoints, tmp_path):
     def run(ck: Path) -> None:
         out = tmp_path / f"x{len(list(tmp_path.iterdir()))}.embq"
         quantize_checkpoint(ck, checkpoints["config"], "int4", out, progress=False)
-        assert False, "should have raised"
+        raise AssertionError("should have raised")
 
     ck = _copy(checkpoints["rw"], tmp_path / "a")
     (ck / ".metadata").unlink()
