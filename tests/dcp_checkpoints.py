@@ -90,7 +90,9 @@ def write_dmp_checkpoint(config, out: str | os.PathLike, *, world: int = 2, seed
 def _rowwise_worker(rank: int, world: int, port: int, config: dict, out: str, seed: int,
                     splits: dict) -> None:  # fmt: skip
     import warnings
+    from dataclasses import replace
 
+    import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed._shard.metadata import ShardMetadata
@@ -101,30 +103,31 @@ def _rowwise_worker(rank: int, world: int, port: int, config: dict, out: str, se
     warnings.filterwarnings("ignore")
     _init(rank, world, port)
     cfg = DLRMConfig.from_json(config)
-    full = build_dlrm(cfg, seed=seed).state_dict()  # every rank builds the same model (seeded)
-    state = {}
-    for key, value in full.items():
-        name = key.split(".")[-2]
-        if key.startswith("sparse_arch.") and name in splits:
-            bounds = splits[name]
-            lo, hi = bounds[rank], bounds[rank + 1]
-            shards = [Shard(value[lo:hi].clone(), ShardMetadata([lo, 0], [hi - lo, value.shape[1]],
-                                                              f"rank:{rank}/cpu"))]  # fmt: skip
-            state[key] = init_from_local_shards(shards, list(value.shape))
-        else:
-            state[key] = value
+    # towers from a model with one-row tables (same seed on every rank: replicated, saved once);
+    # each rank makes only its own rows of every table, so no rank ever holds a whole model
+    small = build_dlrm(replace(cfg, num_embeddings=[1] * len(cfg.num_embeddings)), seed=seed)
+    state = {k: v for k, v in small.state_dict().items() if not k.startswith("sparse_arch.")}
+    for i, feature in enumerate(cfg.sparse_feature_names):
+        name, rows = cfg.table_name(feature), cfg.num_embeddings[i]
+        bounds = splits.get(name, [rows * r // world for r in range(world + 1)])
+        lo, hi = bounds[rank], bounds[rank + 1]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i * 1009 + rank)
+        local = torch.empty(hi - lo, cfg.embedding_dim).normal_(0, 0.05, generator=gen)
+        meta = ShardMetadata([lo, 0], [hi - lo, cfg.embedding_dim], f"rank:{rank}/cpu")
+        key = f"sparse_arch.embedding_bag_collection.embedding_bags.{name}.weight"
+        state[key] = init_from_local_shards([Shard(local, meta)], [rows, cfg.embedding_dim])
     dcp.save(state, checkpoint_id=out)
     dist.barrier()
     dist.destroy_process_group()
 
 
 def write_rowwise_checkpoint(config, out: str | os.PathLike, splits: dict[str, list[int]], *,
-                             seed: int = 0) -> None:  # fmt: skip
-    """Row-shard each table named in `splits` ({table: [0, b1, ..., rows]}, one range per rank)
-    as ShardedTensors over len(bounds) - 1 gloo processes and `dcp.save` the DLRM to `out`."""
+                             seed: int = 0, world: int = 2) -> None:  # fmt: skip
+    """Row-shard every table as a ShardedTensor over `world` gloo processes (table t split at
+    `splits[t]` = [0, b1, ..., rows] if given, else evenly), with N(0, 0.05) values made by the
+    rank that owns them, and `dcp.save` the DLRM to `out`."""
     import torch.multiprocessing as mp
 
-    world = len(next(iter(splits.values()))) - 1
     mp.spawn(_rowwise_worker, args=(world, free_port(), config.to_json(), str(out), seed, splits),
              nprocs=world, join=True)  # fmt: skip
 

@@ -171,6 +171,7 @@ def _assert_predicts_like_float64(artifact: Path, ckpt: Path) -> None:
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: two torchrun ranks start torch + torchrec
 def test_torchrun_two_ranks_equals_one_process(checkpoints, tmp_path):
     from embq.checkpoint.quantize import quantize_checkpoint
 
@@ -227,7 +228,6 @@ def _spawn_job(args: tuple) -> None:
 
 
 def test_killed_rank_fails_the_job_and_a_rerun_resumes(checkpoints, tmp_path):
-    from embq.checkpoint.quantize import quantize_checkpoint
     from embq.embedding.stream import staging_path
 
     out, log = tmp_path / "k.embq", str(tmp_path / "log")
@@ -245,9 +245,6 @@ def test_killed_rank_fails_the_job_and_a_rerun_resumes(checkpoints, tmp_path):
     assert Path(f"{log}.0").read_text() == "ok" and Path(f"{log}.1").read_text() == "ok"
     assert not staging.exists()
     _same_as_reference(out, _reference_artifact(checkpoints["rw"], tmp_path, PLAN))
-    single = tmp_path / "single.embq"
-    quantize_checkpoint(checkpoints["rw"], checkpoints["config"], PLAN, single, progress=False)
-    assert _files(out) == _files(single)  # stats and digest too: the split changes nothing
 
 
 # --------------------------------------------------------------------------- bad input
