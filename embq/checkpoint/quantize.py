@@ -4,9 +4,10 @@ memory, on one process or split over the ranks of a torchrun job.
 Every table is read through `CheckpointTable` (row chunks memory-mapped from the .distcp files,
 never a whole shard) and encoded with `embq.embedding.stream`'s chunked, resumable machinery.
 
-Outputs (design (a)): rank 0 creates the staging directory ``.OUT.partial`` and, for every table,
-fits its params on a seeded sample drawn from the whole table (so codebooks equal a one-process
-run's) and preallocates the table's one file; then every rank encodes its contiguous rows
+Outputs (design (a)): rank 0 creates the staging directory ``.OUT.partial``; the ranks share out
+the tables whose formats fit params (codebooks), each fitted on a seeded sample drawn from the
+whole table (so params equal a one-process run's); rank 0 preallocates each table's one file with
+its params; then every rank encodes its contiguous rows
 `row_range(rows, rank, world)` of every table into disjoint byte ranges of those files; after a
 barrier rank 0 hashes the files and publishes the manifest by an atomic rename. Why (a) rather
 than per-rank shard files: the artifact stays the format every loader already reads (one file per
@@ -16,7 +17,7 @@ size. The price is a filesystem all ranks see (NFS, Lustre, one machine's disk);
 needs no coordination while writing.
 
 Resume: ``.embq-stream/job.json`` records the job (checkpoint fingerprint, config, formats) and
-which tables have their params in place; one ``rows-<table>@LO-HI.json`` per rank range records
+which tables have their params in place (``fit-<table>.*`` hold fitted params until then); one ``rows-<table>@LO-HI.json`` per rank range records
 durable rows. A rerun with the same arguments (any world size) continues; other arguments are
 refused; ``resume=False`` starts over. Any rank failing (an error, or a killed process that
 breaks the process group) fails every rank with a message; what is left is only the hidden
@@ -143,17 +144,13 @@ class _Prepared:
         self.lock.release()
 
 
-def _prepare(job: _CheckpointJob, resume: bool, progress: bool) -> _Prepared:
-    """Rank 0: create or resume the staging directory, fit every table's params once (on a
-    sample of the whole table), preallocate the table files, store the towers and model."""
-    from embq.progress import progress_bar
-
+def _claim(job: _CheckpointJob, resume: bool) -> DirectoryLock:
+    """Rank 0: create or resume the staging directory and its job record; hold its lock."""
     if not resume:
         _discard(job)
     staging, state = job.staging, job.staging / STATE_DIR
     staging.mkdir(parents=True, exist_ok=True)
     lock = DirectoryLock(staging)
-    files: dict[str, TableFileWriter] = {}
     try:
         fingerprint = job.fingerprint()
         record = read_json_or_none(state / JOB_FILE)
@@ -168,17 +165,62 @@ def _prepare(job: _CheckpointJob, resume: bool, progress: bool) -> _Prepared:
             raise ArtifactError(f"{staging} holds files but no embq job record; remove it or "
                                 "pass --no-resume")  # fmt: skip
         state.mkdir(exist_ok=True)
-        ready: dict[str, Any] = dict((record or {}).get("ready", {}))
+        ready = dict((record or {}).get("ready", {}))
         write_json_atomic(state / JOB_FILE, {"job": fingerprint, "ready": ready})
-        writer = ArtifactWriter(job.output, staging=staging)
-        for t in progress_bar(job.tables, enabled=progress, desc="fitting", unit="table"):
+        return lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _ready(job: _CheckpointJob) -> dict[str, Any]:
+    """{table: stats} of the tables whose params are already in their table file."""
+    return dict((read_json_or_none(job.staging / STATE_DIR / JOB_FILE) or {}).get("ready", {}))
+
+
+def _fit_file(job: _CheckpointJob, name: str, suffix: str) -> Path:
+    return job.staging / STATE_DIR / f"fit-{name}.{suffix}"
+
+
+def _fit_share(job: _CheckpointJob, rank: int, world: int, progress: bool) -> None:
+    """Every rank fits its share of the tables that still need params (codebooks first, the
+    largest first), each on a seeded sample of the WHOLE table, so params equal a one-process
+    run's; params go to a staging file, then the stats record that says they are complete."""
+    from safetensors.numpy import save_file
+
+    from embq.embedding.configs import parse_format
+    from embq.progress import progress_bar
+
+    ready = _ready(job)
+    todo = [t for t in job.tables if t.name not in ready]
+    todo.sort(key=lambda t: (not parse_format(t.format_name).fits_params, -t.source.rows))
+    mine = todo[rank::world]
+    for t in progress_bar(mine, enabled=progress, desc="fitting", unit="table"):
+        params, stats = fit_params(t, get_format(t.format_name))
+        save_file({k: v for k, v in params.items()}, str(_fit_file(job, t.name, "safetensors")))
+        write_json_atomic(_fit_file(job, t.name, "json"), {"stats": stats})
+
+
+def _prepare(job: _CheckpointJob, lock: DirectoryLock) -> _Prepared:
+    """Rank 0: the table files (fitted params in their headers, rows preallocated), towers and
+    model section; marks each table ready in the job record once its file is durable."""
+    from safetensors.numpy import load_file
+
+    state = job.staging / STATE_DIR
+    files: dict[str, TableFileWriter] = {}
+    try:
+        ready = _ready(job)
+        fingerprint = job.fingerprint()
+        writer = ArtifactWriter(job.output, staging=job.staging)
+        for t in job.tables:
             reuse = t.name in ready
             if reuse:
                 params, stats = None, ready[t.name]
             else:
                 for old in state.glob(f"rows-{t.name}@*.json"):  # its file is about to be new
                     old.unlink()
-                params, stats = fit_params(t, get_format(t.format_name))
+                params = load_file(str(_fit_file(job, t.name, "safetensors")))
+                stats = read_json_or_none(_fit_file(job, t.name, "json"))["stats"]
             files[t.name] = writer.begin_table(
                 t.name, t.format_name, t.source.rows, t.source.dim, params=params,
                 feature_names=t.feature_names, stats=stats, reuse=reuse,
@@ -195,7 +237,6 @@ def _prepare(job: _CheckpointJob, resume: bool, progress: bool) -> _Prepared:
     except BaseException:
         for f in files.values():
             f.close()
-        lock.release()
         raise
 
 
@@ -305,15 +346,20 @@ def quantize_checkpoint(
         job = phase(lambda: _open(checkpoint, config, plan, output), True, "opening the checkpoint")
         staging_existed = job.staging.exists()
         prepared: _Prepared | None = None
+        lock: DirectoryLock | None = None
         try:
-            prepared = phase(lambda: _prepare(job, resume, opts.progress), rank == 0,
-                             "preparing the output")  # fmt: skip
+            lock = phase(lambda: _claim(job, resume), rank == 0, "preparing the output")
+            phase(lambda: _fit_share(job, rank, world, opts.progress), True, "fitting params")
+            prepared = phase(lambda: _prepare(job, lock), rank == 0, "preparing the tables")
             phase(lambda: _encode_rows(job, prepared, rank, world, replace(opts)), True,
                   "encoding rows")  # fmt: skip
             phase(lambda: _publish(job, prepared), rank == 0, "publishing")
             return job.output
         except BaseException as e:
             if rank == 0 and prepared is None and not staging_existed and job.staging.exists():
+                if lock is not None:
+                    lock.release()
+                    lock = None
                 shutil.rmtree(job.staging, ignore_errors=True)  # nothing durable was made
             raised = _hint(e, job.staging)
             if raised is e:
@@ -322,6 +368,8 @@ def quantize_checkpoint(
         finally:
             if prepared is not None:
                 prepared.close()
+            elif lock is not None:
+                lock.release()
             job.close()
     finally:
         if created:
