@@ -153,7 +153,13 @@ def _dense_section(model: Any, plan: Plan, calib: Any) -> tuple[dict, dict]:
     return dense_section(towers)
 
 
-def _dlrm_module(config: Any, tables: list, dense: tuple[dict, dict], kernel: str) -> Any:
+def _plan_kernels(plan: Plan, tables: list) -> dict[str, str]:
+    """{table: kernel choice} for the tables the plan chooses a kernel for (own entry or "*")."""
+    chosen = {t.name: plan.kernel_for(t.name) for t in tables}
+    return {name: choice for name, choice in chosen.items() if choice is not None}
+
+
+def _dlrm_module(config: Any, tables: list, dense: tuple[dict, dict], kernel: Any) -> Any:
     from embq.runtime.load import build_inference_model
 
     return build_inference_model(config, tables, dense[0], dense[1], kernel=kernel)
@@ -165,7 +171,7 @@ def quantize(
     *,
     calib: Iterable | Any | None = None,
     progress: bool = True,
-    kernel: str = "auto",
+    kernel: str | None = None,
 ) -> QuantizedModel:
     """Quantize a TorchRec DLRM's (or EmbeddingBagCollection's) embedding tables and, when the
     plan says so, its dense towers. The input model is left untouched.
@@ -180,7 +186,8 @@ def quantize(
             plan quantizes the dense towers.
         progress: show a progress bar over the tables.
         kernel: lookup kernels of the returned model ("auto", "compact", "tbe"; see
-            `embq.runtime.kernel_choice`).
+            `embq.runtime.kernel_choice`); None (default): each table's kernel in the plan's
+            "kernels", else "auto".
 
     Returns:
         A `QuantizedModel`; `save` writes it as an artifact.
@@ -208,12 +215,14 @@ def quantize(
     by_name = {t.name: t for t in tables}
     tables = [by_name[config.table_name(f)] for f in config.sparse_feature_names]
     dense = _dense_section(model, plan, calib)
-    return QuantizedModel(lambda: _dlrm_module(config, tables, dense, kernel), plan, tables,
+    kernels = kernel if kernel is not None else _plan_kernels(plan, tables)
+    return QuantizedModel(lambda: _dlrm_module(config, tables, dense, kernels), plan, tables,
                           config, dense)  # fmt: skip
 
 
 def save(qmodel: QuantizedModel, path: str | os.PathLike) -> Path:
     """Write a quantized model as an artifact directory (atomically; `path` must not exist).
+    The plan's per-table kernel choices are recorded, so that `load` serves them by default.
 
     Returns:
         The artifact path.
@@ -222,47 +231,62 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> Path:
 
     if not isinstance(qmodel, QuantizedModel):
         raise ConfigError(f"save() takes what embq.quantize returns, got {type(qmodel).__name__}")
+    kernels = _plan_kernels(qmodel.plan, qmodel.tables)
     if qmodel.config is not None:
-        out = write_model_artifact(path, qmodel.tables, qmodel.config, *qmodel.dense)
+        out = write_model_artifact(path, qmodel.tables, qmodel.config, *qmodel.dense,
+                                   kernels=kernels)  # fmt: skip
     else:
         with ArtifactWriter(path) as writer:
             for t in qmodel.tables:
                 writer.add_table(t.name, t.format, t.codes, t.dim, params=t.params,
-                                 feature_names=t.feature_names, stats=t.stats)  # fmt: skip
+                                 feature_names=t.feature_names, stats=t.stats,
+                                 kernel_choice=kernels.get(t.name))  # fmt: skip
             out = writer.publish()
     qmodel.path = Path(out)
     return Path(out)
 
 
 def _plan_of(artifact: Any) -> Plan:
-    """The plan an artifact was written with, as far as its manifest tells: table formats, and
-    the dense method when its towers were quantized by embq.dense."""
+    """The plan an artifact was written with, as far as its manifest tells: table formats, the
+    kernel choices it records, and the dense method when its towers were quantized by
+    embq.dense."""
     tables = tuple((name, entry.format) for name, entry in artifact.tables.items())
+    kernels = tuple((n, e.kernel_choice) for n, e in artifact.tables.items() if e.kernel_choice)
     meta = artifact.dense_meta or {}
     info = meta.get("info") or {}
     dense = None
     if meta.get("kind") != "fp32" and {"method", "w_bits", "a_bits"} <= set(info):
         dense = f"{info['method']}:w{info['w_bits']}a{info['a_bits']}"
-    return Plan(tables, dense)
+    return Plan(tables, dense, kernels)
 
 
-def load(path: str | os.PathLike, kernel: str = "auto", verify: bool = True) -> QuantizedModel:
+def load(
+    path: str | os.PathLike, kernel: str | dict[str, str] | None = None, verify: bool = True
+) -> QuantizedModel:
     """Load an artifact for inference: every file's size and checksum checked (`verify`), tables
-    on the runtime's kernels (`kernel`: "auto", "compact" or "tbe"), memory-mapped.
+    on the runtime's kernels (`kernel`: "auto", "compact" or "tbe", or {table or "*": choice};
+    None: the choices the artifact records, else "auto"), memory-mapped.
 
     Raises:
         ArtifactError: a missing, truncated, tampered or unknown artifact.
         ConfigError: an unknown kernel choice.
     """
     from embq.artifact.reader import load_artifact
-    from embq.runtime.bags import artifact_tables, build_embedding_bags, model_pooling
-    from embq.runtime.kernel_choice import check_kernel_choice
+    from embq.runtime.bags import (
+        artifact_tables,
+        build_embedding_bags,
+        model_pooling,
+        recorded_kernels,
+    )
+    from embq.runtime.kernel_choice import check_kernel_choice, resolve_kernels
     from embq.runtime.load import dlrm_config, load_inference_model
 
-    check_kernel_choice(kernel)
+    if isinstance(kernel, str):
+        check_kernel_choice(kernel)
     artifact = load_artifact(path, verify=verify)
     plan = _plan_of(artifact)
     tables = artifact_tables(artifact, model_pooling(artifact))
+    kernel = resolve_kernels([t.name for t in tables], kernel, recorded_kernels(artifact))
     if (artifact.model or {}).get("type") != "dlrm":
         module = build_embedding_bags(tables, kernel)
         return QuantizedModel(module, plan, tables, path=artifact.path)

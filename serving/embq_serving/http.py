@@ -184,7 +184,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 
 def create_app(model: str | os.PathLike | BasePredictor, limits: Limits | None = None,
-               num_threads: int | None = None, kernel: str = "auto") -> FastAPI:  # fmt: skip
+               num_threads: int | None = None, kernel: str | None = None) -> FastAPI:  # fmt: skip
     """A FastAPI app serving `model`.
 
     Args:

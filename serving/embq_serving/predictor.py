@@ -410,10 +410,12 @@ class Predictor(BasePredictor):
         path: the artifact directory (X.embq). Loading verifies sizes and sha256 checksums and
             raises embq.ArtifactError for anything truncated or tampered with.
         num_threads: if given, `torch.set_num_threads(num_threads)` (process-wide).
-        kernel: the runtime's kernel choice (`embq.runtime.KERNEL_CHOICES`): "auto" (default,
-            fastest: row-wise tables in fbgemm's TBE, short rows padded to a power of two),
-            "compact" (least memory: 4-/2-bit tables read in place from the memory-mapped
-            artifact by ATen's n-bit ops) or "tbe" (every row-wise table in the TBE, unpadded).
+        kernel: the runtime's kernel choice (`embq.runtime.KERNEL_CHOICES`): "auto" (fastest:
+            row-wise tables in fbgemm's TBE, short rows padded to a power of two), "compact"
+            (least memory: 4-/2-bit tables read in place from the memory-mapped artifact by
+            ATen's n-bit ops) or "tbe" (every row-wise table in the TBE, unpadded); None
+            (default): the choices the artifact records per table (quantized from an
+            `embq plan` plan), else "auto".
 
     Example:
         predictor = Predictor("runs/demo/int4.embq")
@@ -421,7 +423,7 @@ class Predictor(BasePredictor):
     """
 
     def __init__(
-        self, path: str | os.PathLike, num_threads: int | None = None, kernel: str = "auto"
+        self, path: str | os.PathLike, num_threads: int | None = None, kernel: str | None = None
     ) -> None:
         import torch
 
