@@ -1,6 +1,7 @@
 """The `embq` command line: one module per verb, each a thin layer over library calls.
 
-Verbs: data (synth, prepare), train, evaluate, quantize, quantize-table, quantize-dense, export.
+Verbs: data (synth, prepare), train, evaluate, quantize, quantize-table, quantize-dense, export,
+hardware (list, show, probe), plan.
 Run `embq VERB --help` for a verb's options and examples.
 """
 
@@ -22,6 +23,7 @@ VERB_MODULES = [
     "embq.cli.quantize_table",
     "embq.cli.quantize_dense",
     "embq.cli.export",
+    "embq.cli.hardware",
 ]
 
 
