@@ -158,3 +158,20 @@ def test_one_byte_under_the_smallest_feasible_budget_is_infeasible(seed):
                     base.group_alone)  # fmt: skip
     with pytest.raises(InfeasibleError, match=f"smallest feasible budget is {least:,} bytes"):
         solve_exact(under)
+
+
+def test_a_coarser_format_with_the_same_bytes_is_never_picked():
+    """fbgemm's CUDA TBE pads int2 and int4 rows of dim 16 to 16 bytes alike: int2 (predicted no
+    better than int4) is dominated and the exact search never takes it, at any budget."""
+    from embq.hardware.search import undominated
+
+    def item(name: str, int4_loss: float) -> Item:
+        return Item(name, (Option("int8", 0.0, 32, "hbm", 1e-6, "tbe/16"),
+                           Option("int4", int4_loss, 16, "hbm", 1e-6, "tbe/16"),
+                           Option("int2", int4_loss + 1e-9, 16, "hbm", 1e-6, "tbe/16")))  # fmt: skip
+
+    items = tuple(item(f"t{i}", 1e-5 * (i + 1)) for i in range(4))
+    assert undominated(items[0]) == [0, 1]
+    for budget in range(64, 129, 16):
+        s = solve_exact(Problem(items, max_bytes=budget))
+        assert all(o.label != "int2" for o in s.options(Problem(items))), budget

@@ -24,6 +24,8 @@ import numpy as np
 from embq.hardware.spec import HardwareSpec, load_spec
 
 SMALL_ROWS = 2000  # rows of the in-cache tables
+TINY_ROWS = 4  # the first probe table is this small, as real models have tiny tables: ids of
+# the others then exceed it and the runtime's range check takes its per-feature path
 PROBE_FORMATS = {  # format key -> (format name at dim 16, at dim 64)
     "fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp16"), "int8": ("int8", "int8"),
     "int4": ("int4", "int4"), "int2": ("int2", "int2"), "cb4-row": ("cb4-row", "cb4-row"),
@@ -246,7 +248,8 @@ def probe_lookups(spec: HardwareSpec, settings: Settings, progress: bool = True)
     for seed, (k, key, dim, t, n) in enumerate(bar):
         fmt = PROBE_FORMATS[key][settings.dims.index(dim) if len(settings.dims) > 1 else 0]
         if (fmt, dim) not in cache:
-            cache[(fmt, dim)] = [small_table(fmt, SMALL_ROWS, dim, i) for i in range(max(settings.tables))]
+            cache[(fmt, dim)] = [small_table(fmt, TINY_ROWS if i == 0 and key != "pq" else SMALL_ROWS,
+                                             dim, i) for i in range(max(settings.tables))]  # fmt: skip
         tables = cache[(fmt, dim)][:t]
         seconds = time_module(tables, k.runtime, n, settings, seed)
         b = _row_bytes(spec, k.name, fmt, dim)

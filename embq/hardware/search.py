@@ -13,7 +13,10 @@ HiGHS), with HAGO's greedy search as the baseline it is compared with.
                                                                   only call (G: number of calls)
                 x, y, w binary
 
-Among plans of equal predicted loss the faster one, then the smaller one, is returned (a
+Options another option of the same item beats or equals in loss, bytes and seconds, in the same
+tier and call, are dropped first (`undominated`: the optimum cannot need them), so that a coarser
+format with the same bytes as a finer one on a target is never picked. Among plans of equal
+predicted loss (within LOSS_TOLERANCE) the faster one, then the smaller one, is returned (a
 second solve). `hago_greedy` is HAGO's `GreedySearchTuner` (ZihengJiang/tvm-hago,
 python/tvm/hago/search.py) on these predictions; `greedy_for_budget` adds what it needs to meet
 a budget (see there).
@@ -257,14 +260,45 @@ def min_feasible_bytes(problem: Problem) -> int | None:
     return evaluate(problem, model.picks(x)).bytes
 
 
+def undominated(item: Item) -> list[int]:
+    """Indices of the options no other option of the item dominates: one dominates another if it
+    is in the same tier and call and no worse in loss, bytes and seconds (better in one, or equal
+    in all and listed first)."""
+    keep = []
+    for k, a in enumerate(item.options):
+        beaten = False
+        for j, b in enumerate(item.options):
+            if j == k or (b.tier, b.group) != (a.tier, a.group):
+                continue
+            no_worse = b.loss <= a.loss and b.bytes <= a.bytes and b.seconds <= a.seconds
+            better = b.loss < a.loss or b.bytes < a.bytes or b.seconds < a.seconds
+            if no_worse and (better or j < k):
+                beaten = True
+                break
+        if not beaten:
+            keep.append(k)
+    return keep
+
+
 def solve_exact(problem: Problem) -> Solution:
-    """The assignment of least predicted loss meeting every constraint (ties: the fastest, then
-    the smallest).
+    """The assignment of least predicted loss meeting every constraint (dominated options
+    dropped first; ties: the fastest, then the smallest).
 
     Raises:
         InfeasibleError: no assignment meets the constraints; its `min_bytes` says the smallest
             byte budget that would (None if the tiers or the latency budget are the obstacle).
     """
+    kept = [undominated(item) for item in problem.items]
+    reduced = Problem(tuple(Item(item.name, tuple(item.options[k] for k in ks), item.budgeted)
+                            for item, ks in zip(problem.items, kept)),
+                      problem.max_bytes, problem.capacities, problem.max_seconds,
+                      problem.group_seconds, problem.group_alone)  # fmt: skip
+    s = _solve_exact(reduced)
+    picks = tuple(ks[k] for ks, k in zip(kept, s.picks))
+    return evaluate(problem, picks, "exact")
+
+
+def _solve_exact(problem: Problem) -> Solution:
     model = _Model(problem)
     budget = None if problem.max_bytes is None else float(problem.max_bytes)
     for _ in range(4):  # tighten the byte row if rounding let a solution overshoot it
