@@ -24,6 +24,7 @@ VERB_MODULES = [
     "embq.cli.quantize_dense",
     "embq.cli.export",
     "embq.cli.hardware",
+    "embq.cli.plan",
 ]
 
 
