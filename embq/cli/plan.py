@@ -13,6 +13,7 @@ Examples:
     embq plan ... --max-bytes 0.15 --max-latency-ms 0.6          # a latency budget too
     embq plan ... --hardware nvidia-fbgemm --max-bytes 0.27 --sweep 0.25,0.3,0.4
     embq plan ... --solver greedy                                # HAGO's greedy search
+    embq plan ... --hardware accelerator --max-bytes 0.55 --dense  # and a kernel per dense layer
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
                       calib_rows=args.calib_rows, calibration=args.calibration,
                       sensitivity=args.sensitivity, batch=args.batch, quick=args.quick,
                       cache_dir=args.cache or output.parent / ".embq-cache",
-                      progress=not args.quiet)  # fmt: skip
+                      progress=not args.quiet, dense=args.dense)  # fmt: skip
     max_seconds = None if args.max_latency_ms is None else args.max_latency_ms / 1e3
     began = time.perf_counter()
     sens = planner.sensitivity()
@@ -85,6 +86,9 @@ def run(args: argparse.Namespace) -> None:
          "measured_sensitivity": sens.measured(t.name, c.format), "ids_per_batch": n}
         for t, c, n in zip(planner.tables, planned.choices, ids)
     ]  # fmt: skip
+    report["dense"] = {n: {"kernel": k.name, "w_bits": k.w_bits, "a_bits": k.a_bits,
+                           "predicted_loss": planner.dense_sensitivity()[n][k.name]}
+                       for n, k in planned.dense.items()}  # fmt: skip
     report["plan"] = planned.row()
     report["fp32_bytes"] = planner.total_fp32
     report["search_seconds"] = round(search_seconds, 3)
@@ -138,6 +142,9 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
                    "--output)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (latency is measured "
                    "on these)")
+    p.add_argument("--dense", action="store_true", help="also choose a dense kernel per layer of "
+                   "the towers among the spec's (their loss and cost join the search; the byte "
+                   "budget stays the tables')")
     p.add_argument("--quick", action="store_true", help="fewer candidate formats (one PQ)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)

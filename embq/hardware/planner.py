@@ -22,7 +22,8 @@ import torch
 from embq.data.prepared import PreparedData
 from embq.errors import ConfigError
 from embq.hardware.accounting import TableChoice, fp32_bytes, table_choices
-from embq.hardware.cost import group_seconds, lookup_seconds, table_seconds
+from embq.hardware.cost import dense_seconds, group_seconds, lookup_seconds, table_seconds
+from embq.hardware.dense import dense_config, dense_layers, dense_sensitivity, layer_bytes
 from embq.hardware.encodings import Encodings
 from embq.hardware.search import (
     InfeasibleError,
@@ -35,7 +36,7 @@ from embq.hardware.search import (
     solve_exact,
 )
 from embq.hardware.sensitivity import Sensitivity, collect, table_sensitivity
-from embq.hardware.spec import HardwareSpec
+from embq.hardware.spec import DenseKernel, HardwareSpec
 from embq.models.tables import find_tables
 from embq.plan import Plan
 
@@ -69,9 +70,11 @@ class Planned:
         name: e.g. "exact@0.15", "greedy@0.15", "uniform int4-opt".
         plan: the `embq.Plan` (formats, and runtime kernels where embq serves the target).
         choices: each table's `TableChoice`, in model order.
-        predicted: {"bytes", "bytes_ratio", "loss" (nats), "loss_pct", "seconds"}.
+        predicted: {"bytes", "bytes_ratio" (tables), "loss" (nats), "loss_pct", "seconds"
+            (lookups), "dense_seconds", "dense_bytes"}.
         measured: filled by `Planner.measure_loss` / `measure_latency`.
         solution: the search's `Solution` (None for uniform plans).
+        dense: {layer: dense kernel} when the plan chooses the dense layers.
     """
 
     name: str
@@ -80,12 +83,15 @@ class Planned:
     predicted: dict[str, float]
     measured: dict[str, float] = field(default_factory=dict)
     solution: Solution | None = None
+    dense: dict[str, DenseKernel] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         """A flat, JSON-able summary."""
         formats: dict[str, int] = {}
         for c in self.choices:
             formats[c.label] = formats.get(c.label, 0) + 1
+        for layer, k in self.dense.items():
+            formats[f"{layer}:{k.name}"] = 1
         return {"name": self.name, **{f"predicted_{k}": v for k, v in self.predicted.items()},
                 **{f"measured_{k}": v for k, v in self.measured.items()}, "choices": formats}  # fmt: skip
 
@@ -104,13 +110,14 @@ class Planner:
         sensitivity: "exact" or "proxy".
         cache_dir: where sensitivities are cached as JSON (None: not cached).
         batch: the batch the latency model and measurements use (default: the spec's).
+        dense: also choose a dense kernel per layer of the towers (`embq.hardware.dense`).
     """
 
     def __init__(self, model: torch.nn.Module, data: PreparedData, spec: HardwareSpec, *,
                  formats: list[str] | None = None, calib_rows: int = 50_000,
                  calibration: str = "train", valid_fraction: float = 0.1,
                  sensitivity: str = "exact", cache_dir: Any = None, batch: int | None = None,
-                 progress: bool = True, quick: bool = False) -> None:  # fmt: skip
+                 progress: bool = True, quick: bool = False, dense: bool = False) -> None:  # fmt: skip
         from embq.models.dlrm import config_from_model
 
         if calibration not in CALIBRATIONS:
@@ -138,6 +145,11 @@ class Planner:
         self._sens: Sensitivity | None = None
         self._heldout: list | None = None
         self._fp32_loss: float | None = None
+        self.dense = dense
+        self.dense_layers = dense_layers(model) if dense else []
+        self._dense_sens: dict[str, dict[str, float]] | None = None
+        if dense and not spec.dense_kernels:
+            raise ConfigError(f"{spec.name} lists no dense kernels; plan the tables only")
 
     # ------------------------------------------------------------------ sensitivity and search
 
@@ -150,6 +162,16 @@ class Planner:
                                            encodings=self.encodings, cache_dir=self.cache_dir,
                                            progress=self.progress)  # fmt: skip
         return self._sens
+
+    def dense_sensitivity(self) -> dict[str, dict[str, float]]:
+        """{layer: {dense kernel: loss increase}} on the calibration rows (computed once)."""
+        if self._dense_sens is None:
+            self._dense_sens = dense_sensitivity(self.model, self.calibration_batches(), self.spec,
+                                                 self.progress)  # fmt: skip
+        return self._dense_sens
+
+    def calibration_batches(self) -> list:
+        return list(self.data.batches(*self.calib_range, batch_size=8192))
 
     def ids(self) -> list[float]:
         """Ids each table looks up in a batch of `batch` rows (calibration's ids per row)."""
@@ -184,22 +206,38 @@ class Planner:
                 calls[c.group] = both
                 alone[c.group] = both - group_seconds(self.spec, c, batch_ids, alone=True)
             items.append(Item(t.name, tuple(options)))
+        for layer in self.dense_layers:  # not in the byte budget: in their tier and latency
+            sens = self.dense_sensitivity()[layer.name]
+            options = [Option(k.name, max(0.0, sens[k.name]), layer_bytes(layer, k), k.memory,
+                              dense_seconds(k, self.batch, layer.in_features, layer.out_features))
+                       for k in self.spec.dense_kernels.values()]  # fmt: skip
+            items.append(Item(layer.name, tuple(options), budgeted=False))
         caps = {k: v.capacity_bytes for k, v in self.spec.memory.items()} if capacities else {}
         return Problem(tuple(items), max_bytes, caps, max_seconds, calls, alone)
 
-    def planned(self, name: str, choices: list[TableChoice], solution: Solution | None = None) -> Planned:
-        """A `Planned` of one choice per table, with its predictions."""
+    def planned(self, name: str, choices: list[TableChoice], solution: Solution | None = None,
+                dense: dict[str, DenseKernel] | None = None) -> Planned:  # fmt: skip
+        """A `Planned` of one choice per table (and dense kernel per layer), with predictions."""
         sens = self.sensitivity()
+        dense = dense or {}
         loss = sum(sens.predicted(t.name, c.format) for t, c in zip(self.tables, choices))
+        loss += sum(max(0.0, self.dense_sensitivity()[n][k.name]) for n, k in dense.items())
         nbytes = sum(c.bytes for c in choices)
         tables = {t.name: c.format for t, c in zip(self.tables, choices)}
         kernels = {t.name: c.runtime for t, c in zip(self.tables, choices)
                    if c.runtime not in (None, "auto")}  # fmt: skip
-        plan = Plan(tuple(tables.items()), None, tuple(kernels.items()))
+        plan = Plan(tuple(tables.items()), dense_config(dense) if dense else None,
+                    tuple(kernels.items()))  # fmt: skip
         seconds = lookup_seconds(self.spec, choices, self.ids())["seconds"]
+        layers = {q.name: q for q in self.dense_layers}
         predicted = {"bytes": nbytes, "bytes_ratio": nbytes / self.total_fp32, "loss": loss,
                      "loss_pct": 100.0 * loss / sens.base_loss, "seconds": seconds}  # fmt: skip
-        return Planned(name, plan, list(choices), predicted, solution=solution)
+        if dense:
+            predicted["dense_seconds"] = sum(
+                dense_seconds(k, self.batch, layers[n].in_features, layers[n].out_features)
+                for n, k in dense.items())  # fmt: skip
+            predicted["dense_bytes"] = sum(layer_bytes(layers[n], k) for n, k in dense.items())
+        return Planned(name, plan, list(choices), predicted, solution=solution, dense=dense)
 
     def plan(self, budget: float | int | None, solver: str = "exact",
              max_seconds: float | None = None) -> Planned:  # fmt: skip
@@ -223,9 +261,12 @@ class Planner:
         except InfeasibleError as e:
             raise InfeasibleError(self._infeasible(max_bytes, max_seconds, e.min_bytes),
                                   e.min_bytes) from None  # fmt: skip
-        choices = [self.choices()[i][k] for i, k in enumerate(solution.picks)]
+        n = len(self.tables)
+        choices = [self.choices()[i][k] for i, k in enumerate(solution.picks[:n])]
+        kernels = list(self.spec.dense_kernels.values())
+        dense = {q.name: kernels[k] for q, k in zip(self.dense_layers, solution.picks[n:])}
         label = "budget" if budget is None else (f"{budget:g}" if budget <= 1 else f"{budget}B")
-        return self.planned(f"{solver}@{label}", choices, solution)
+        return self.planned(f"{solver}@{label}", choices, solution, dense)
 
     def _infeasible(self, max_bytes: int | None, max_seconds: float | None,
                     least: int | None) -> str:  # fmt: skip
@@ -275,8 +316,16 @@ class Planner:
 
         tables = [self.encodings.table(t.name, c.format) for t, c in zip(self.tables, planned.choices)]
         kernels = {t.name: c.runtime or "auto" for t, c in zip(self.tables, planned.choices)}
-        return build_inference_model(self.config, tables, dense_state_dict(self.model),
-                                     {"kind": "fp32"}, kernel=kernels)  # fmt: skip
+        tensors, meta = dense_state_dict(self.model), {"kind": "fp32"}
+        if planned.plan.dense is not None:  # the towers as embq.quantize quantizes them
+            from embq.dense.api import quantize
+            from embq.dense.serialize import dense_section
+
+            d = planned.plan.dense
+            towers = quantize(self.model, d.method, d.w_bits, d.a_bits,
+                              calib=self.calibration_batches(), **d.option_dict)  # fmt: skip
+            tensors, meta = dense_section(towers)
+        return build_inference_model(self.config, tables, tensors, meta, kernel=kernels)
 
     def measure_loss(self, plans: list[Planned]) -> None:
         """Held-out log loss of each plan on embq's runtime, and its change vs fp32 (percent);
