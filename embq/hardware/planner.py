@@ -164,10 +164,26 @@ class Planner:
         return self._sens
 
     def dense_sensitivity(self) -> dict[str, dict[str, float]]:
-        """{layer: {dense kernel: loss increase}} on the calibration rows (computed once)."""
+        """{layer: {dense kernel: loss increase}} on the calibration rows (computed once; cached
+        as JSON beside the tables' sensitivity, keyed by it and the kernels' bits)."""
         if self._dense_sens is None:
-            self._dense_sens = dense_sensitivity(self.model, self.calibration_batches(), self.spec,
-                                                 self.progress)  # fmt: skip
+            import hashlib
+            import json
+            from pathlib import Path
+
+            bits = sorted((k.name, k.w_bits, k.a_bits) for k in self.spec.dense_kernels.values())
+            key = hashlib.sha256(json.dumps([self.sensitivity().key, bits]).encode()).hexdigest()
+            path = Path(self.cache_dir) / f"dense-{key[:20]}.json" if self.cache_dir else None
+            if path is not None and path.is_file():
+                self._dense_sens = json.loads(path.read_text(encoding="utf-8"))
+            else:
+                self._dense_sens = dense_sensitivity(self.model, self.calibration_batches(),
+                                                     self.spec, self.progress)  # fmt: skip
+                if path is not None:
+                    from embq.files import staged_file
+
+                    with staged_file(path) as tmp:
+                        tmp.write_text(json.dumps(self._dense_sens), encoding="utf-8")
         return self._dense_sens
 
     def calibration_batches(self) -> list:

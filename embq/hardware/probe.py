@@ -311,7 +311,9 @@ def probe_lookups(spec: HardwareSpec, settings: Settings, progress: bool = True)
                              table_bytes(spec, k, fmt, big.rows, dim), "")  # fmt: skip
         lines = lines_per_row(spec, choice) * miss_fraction(spec, choice.bytes, 1)
         extra = max(0.0, seconds["big"] - seconds["small"])
-        out["kernels"][k.name]["line_ns"] = round(extra / (big_ids * lines) * 1e9, 2)
+        # a "big" table that fits the cache says nothing about memory: keep the base's figure
+        line_ns = extra / (big_ids * lines) * 1e9 if lines > 0 else k.line_ns
+        out["kernels"][k.name]["line_ns"] = round(line_ns, 2)
         del big
     return out
 
