@@ -106,19 +106,20 @@ def main() -> None:
     exact_plans = [p for p in sweep.exact.values() if p is not None]
     ids = planner.ids()
     for p in exact_plans:  # the same plans priced by the shipped spec's coefficients
-        p.predicted["seconds_shipped_spec"] = lookup_seconds(shipped, p.choices, ids)["seconds"]
+        p.predicted["seconds_shipped_spec"] = lookup_seconds(shipped, p.choices, ids,
+                                                             planner.out_values())["seconds"]
     shipped_errors = sorted(abs(p.predicted["seconds_shipped_spec"] - p.measured["seconds"])
                             / p.measured["seconds"] for p in exact_plans if "seconds" in p.measured)  # fmt: skip
 
     print("[4/4] nvidia-fbgemm and accelerator", flush=True)
     nvidia = Planner(model, data, load_spec("nvidia-fbgemm"), calib_rows=args.calib_rows,
                      sensitivity=args.sensitivity, quick=args.quick, progress=False)  # fmt: skip
-    nvidia._sens, nvidia.encodings = sens, planner.encodings  # the same model and rows
+    nvidia.reuse(planner)  # the same model, rows and formats: one sensitivity
     nv_min = nvidia.min_bytes()
     nv_plan = nvidia.plan(0.27)
     accel = Planner(model, data, load_spec("accelerator"), calib_rows=args.calib_rows,
                     sensitivity=args.sensitivity, quick=args.quick, progress=False)  # fmt: skip
-    accel._sens, accel.encodings = sens, planner.encodings
+    accel.reuse(planner)
     accel_min = accel.min_bytes()
     accel_plan = accel.plan(round(accel_min / accel.total_fp32 + 0.05, 4))
     planner.measure_loss([nv_plan, accel_plan])

@@ -262,3 +262,19 @@ def test_the_plan_command(trained, tmp_path):
     assert main(["plan", "--model", str(root / "model"), "--data", str(root / "prepared"),
                  "--max-bytes", "0.01", "--output", str(tmp_path / "no.json"),
                  "--formats", "int8,int4-opt", "--calib-rows", "5000", "--quiet"]) == 2  # fmt: skip
+
+
+def test_the_search_prices_plans_as_the_latency_model_does(planner):
+    """The integer program's linear latency (calls shared, permutes and the reorder saved when
+    one call serves every table) equals the cost model's prediction for the same plan."""
+    from embq.hardware.search import evaluate
+
+    problem = planner.problem()
+    for budget in (0.2, 0.3, 1.0):
+        planned = planner.plan(budget)
+        got = evaluate(problem, planned.solution.picks).seconds
+        assert got == pytest.approx(planned.predicted["seconds"], rel=1e-12)
+    uniform = planner.uniform("int8")  # one call: no permute, no reorder
+    picks = [next(k for k, o in enumerate(item.options) if o.label == c.label)
+             for item, c in zip(problem.items, uniform.choices)]  # fmt: skip
+    assert evaluate(problem, picks).seconds == pytest.approx(uniform.predicted["seconds"], rel=1e-12)

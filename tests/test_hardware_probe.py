@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import yaml
 
-from embq.hardware.probe import Settings, _Columns, _size_bytes, run_probe, write_spec
+from embq.hardware.probe import FitColumns, Settings, run_probe, size_bytes, write_spec
 from embq.hardware.spec import SPECS_DIR, load_spec
 
 
 def test_the_fit_recovers_known_coefficients():
     rng = np.random.default_rng(0)
-    cols = _Columns()
+    cols = FitColumns()
     truth = {"call": 20e-6, "table": 3e-6, "id": 4e-9, "byte": 0.2e-9}
     for _ in range(40):
         t, n, b = int(rng.integers(1, 9)), int(rng.integers(64, 4096)), int(rng.choice([8, 16, 64]))
@@ -29,9 +29,9 @@ def test_the_fit_recovers_known_coefficients():
 
 
 def test_cache_sizes_from_lscpu():
-    assert _size_bytes("32 MiB (1 instance)") == 32 << 20
-    assert _size_bytes("2 MiB (2 instances)") == 4 << 20
-    assert _size_bytes("512 KiB") == 512 << 10 and _size_bytes("") == 0
+    assert size_bytes("32 MiB (1 instance)") == 32 << 20
+    assert size_bytes("2 MiB (2 instances)") == 4 << 20
+    assert size_bytes("512 KiB") == 512 << 10 and size_bytes("") == 0
 
 
 def test_a_tiny_probe_writes_a_spec_that_loads(tmp_path):

@@ -5,6 +5,7 @@ infeasible budgets; HAGO's greedy baseline."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -30,8 +31,7 @@ def brute_force(problem: Problem):
         s = evaluate(problem, picks)
         if feasible(problem, s):
             best = s.loss if best is None else min(best, s.loss)
-        relaxed = Problem(problem.items, None, problem.capacities, problem.max_seconds,
-                          problem.group_seconds, problem.group_alone)  # fmt: skip
+        relaxed = replace(problem, max_bytes=None)
         if feasible(relaxed, s):
             least = s.bytes if least is None else min(least, s.bytes)
     return best, least
@@ -58,6 +58,7 @@ def random_problem(rng: np.random.Generator, items: int, options: int, tight: fl
         max_seconds=float(rng.uniform(5e-5, 3e-4)) if rng.random() < 0.5 else None,
         group_seconds={g: float(rng.uniform(0, 3e-5)) for g in groups},
         group_alone={g: float(rng.uniform(0, 1e-5)) for g in groups},
+        base_seconds=float(rng.uniform(0, 2e-5)),
     )
 
 
@@ -74,16 +75,13 @@ def test_exact_search_equals_brute_force(seed):
         assert info.value.min_bytes == least
         if least is not None:
             assert f"{least:,} bytes" in str(info.value)
-            relaxed = Problem(problem.items, least, problem.capacities, problem.max_seconds,
-                              problem.group_seconds, problem.group_alone)  # fmt: skip
+            relaxed = replace(problem, max_bytes=least)
             assert feasible(relaxed, solve_exact(relaxed))
         return
     s = solve_exact(problem)
     assert feasible(problem, s)
     assert s.loss == pytest.approx(best, rel=1e-9, abs=1e-15)
-    assert min_feasible_bytes(Problem(problem.items, None, problem.capacities,
-                                      problem.max_seconds, problem.group_seconds,
-                                      problem.group_alone)) == least  # fmt: skip
+    assert min_feasible_bytes(replace(problem, max_bytes=None)) == least
     greedy = greedy_for_budget(problem) if _greedy_ok(problem) else None
     if greedy is not None:
         assert feasible(problem, greedy) and s.loss <= greedy.loss + 1e-15
@@ -142,20 +140,17 @@ def test_hago_greedy_walks_in_order_and_stops_at_the_first_drop():
 def test_one_byte_under_the_smallest_feasible_budget_is_infeasible(seed):
     rng = np.random.default_rng(100 + seed)
     base = random_problem(rng, items=int(rng.integers(1, 5)), options=3, tight=1.0)
-    unbounded = Problem(base.items, None, base.capacities, base.max_seconds, base.group_seconds,
-                        base.group_alone)  # fmt: skip
+    unbounded = replace(base, max_bytes=None)
     _, least = brute_force(unbounded)
     if least is None:  # the tiers / latency rule everything out: said so, with no budget
         with pytest.raises(InfeasibleError, match="whatever the byte budget"):
             solve_exact(unbounded)
         return
-    at = Problem(base.items, least, base.capacities, base.max_seconds, base.group_seconds,
-                 base.group_alone)  # fmt: skip
+    at = replace(base, max_bytes=least)
     assert feasible(at, solve_exact(at))
     if least == 0:
         return
-    under = Problem(base.items, least - 1, base.capacities, base.max_seconds, base.group_seconds,
-                    base.group_alone)  # fmt: skip
+    under = replace(base, max_bytes=least - 1)
     with pytest.raises(InfeasibleError, match=f"smallest feasible budget is {least:,} bytes"):
         solve_exact(under)
 

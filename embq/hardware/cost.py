@@ -7,9 +7,11 @@ one fbgemm TBE per row alignment, one ATen n-bit collection, one codebook collec
     seconds = sum over calls   [call_us + (permute_us + permute_ns * ids in the batch)]
             + sum over tables  [table_us + ids * (id_ns + byte_ns * row bytes
                                                  + line_ns * cache lines per row * miss)]
+            + reorder_ns * output values        (more than one call)
 
 The permute term is paid by each call that picks its features out of the batch (not by
-`whole_input` kernels, nor by a call that serves every table). `miss` is the share of a table's
+`whole_input` kernels, nor by a call that serves every table); with more than one call the
+pooled outputs are also put back in feature order (the reorder term, B x sum of dims values). `miss` is the share of a table's
 rows that cannot stay in its share of the last-level cache (uniform ids:
 1 - (cache_bytes / tables) / table bytes, at least 0); `cache lines per row` is 1 for rows
 padded to a power of two within a line, else the expected lines an unaligned row touches.
@@ -59,12 +61,19 @@ def group_seconds(spec: HardwareSpec, choice: TableChoice, batch_ids: float, alo
     return seconds
 
 
-def lookup_seconds(spec: HardwareSpec, choices: Sequence[TableChoice], ids: Sequence[float]) -> dict:
+def reorder_seconds(spec: HardwareSpec, out_values: float) -> float:
+    """Putting the calls' pooled outputs back in feature order: `out_values` floats."""
+    return spec.reorder_ns * out_values * 1e-9
+
+
+def lookup_seconds(spec: HardwareSpec, choices: Sequence[TableChoice], ids: Sequence[float],
+                   out_values: float = 0.0) -> dict:  # fmt: skip
     """Predicted seconds of one batch's lookups: `choices[i]` serves table i, which looks up
-    `ids[i]` ids in the batch.
+    `ids[i]` ids in the batch; the batch's pooled output holds `out_values` floats.
 
     Returns:
-        {"seconds": total, "calls": {group: seconds of its call}, "tables": [seconds per table]}
+        {"seconds": total, "calls": {group: seconds of its call}, "tables": [seconds per table],
+         "reorder": seconds}
     """
     tables = len(choices)
     batch_ids = float(sum(ids))
@@ -74,7 +83,9 @@ def lookup_seconds(spec: HardwareSpec, choices: Sequence[TableChoice], ids: Sequ
     alone = len(first) == 1
     calls = {g: group_seconds(spec, c, batch_ids, alone) for g, c in first.items()}
     per_table = [table_seconds(spec, c, n, tables) for c, n in zip(choices, ids)]
-    return {"seconds": sum(calls.values()) + sum(per_table), "calls": calls, "tables": per_table}
+    reorder = 0.0 if alone else reorder_seconds(spec, out_values)
+    return {"seconds": sum(calls.values()) + sum(per_table) + reorder, "calls": calls,
+            "tables": per_table, "reorder": reorder}  # fmt: skip
 
 
 def dense_seconds(kernel: DenseKernel, batch: int, in_features: int, out_features: int) -> float:

@@ -22,7 +22,13 @@ import torch
 from embq.data.prepared import PreparedData
 from embq.errors import ConfigError
 from embq.hardware.accounting import TableChoice, fp32_bytes, table_choices
-from embq.hardware.cost import dense_seconds, group_seconds, lookup_seconds, table_seconds
+from embq.hardware.cost import (
+    dense_seconds,
+    group_seconds,
+    lookup_seconds,
+    reorder_seconds,
+    table_seconds,
+)
 from embq.hardware.dense import dense_config, dense_layers, dense_sensitivity, layer_bytes
 from embq.hardware.encodings import Encodings
 from embq.hardware.search import (
@@ -153,6 +159,15 @@ class Planner:
 
     # ------------------------------------------------------------------ sensitivity and search
 
+    def reuse(self, other: Planner) -> Planner:
+        """Share `other`'s sensitivity and encodings (the same model, rows and formats planned
+        for another target): nothing is measured twice."""
+        if (other.model is not self.model or other.calib_range != self.calib_range
+                or other.formats != self.formats):  # fmt: skip
+            raise ConfigError("reuse() needs a planner of the same model, rows and formats")
+        self._sens, self.encodings = other.sensitivity(), other.encodings
+        return self
+
     def sensitivity(self) -> Sensitivity:
         """Every table's sensitivity to every candidate format (computed once, cached)."""
         if self._sens is None:
@@ -194,6 +209,10 @@ class Planner:
         sens = self.sensitivity()
         return [self.batch * sens.tables[t.name]["ids_per_row"] for t in self.tables]
 
+    def out_values(self) -> float:
+        """Floats of a batch's pooled output: batch x features x dim."""
+        return float(self.batch * sum(len(t.feature_names) * t.dim for t in self.tables))
+
     def choices(self) -> list[list[TableChoice]]:
         """Each table's choices on the target among the formats it has a sensitivity for."""
         sens = self.sensitivity()
@@ -228,8 +247,10 @@ class Planner:
                               dense_seconds(k, self.batch, layer.in_features, layer.out_features))
                        for k in self.spec.dense_kernels.values()]  # fmt: skip
             items.append(Item(layer.name, tuple(options), budgeted=False))
+        reorder = reorder_seconds(self.spec, self.out_values())
+        alone = {g: v + reorder for g, v in alone.items()}  # one call: no reorder either
         caps = {k: v.capacity_bytes for k, v in self.spec.memory.items()} if capacities else {}
-        return Problem(tuple(items), max_bytes, caps, max_seconds, calls, alone)
+        return Problem(tuple(items), max_bytes, caps, max_seconds, calls, alone, reorder)
 
     def planned(self, name: str, choices: list[TableChoice], solution: Solution | None = None,
                 dense: dict[str, DenseKernel] | None = None) -> Planned:  # fmt: skip
@@ -244,7 +265,7 @@ class Planner:
                    if c.runtime not in (None, "auto")}  # fmt: skip
         plan = Plan(tuple(tables.items()), dense_config(dense) if dense else None,
                     tuple(kernels.items()))  # fmt: skip
-        seconds = lookup_seconds(self.spec, choices, self.ids())["seconds"]
+        seconds = lookup_seconds(self.spec, choices, self.ids(), self.out_values())["seconds"]
         layers = {q.name: q for q in self.dense_layers}
         predicted = {"bytes": nbytes, "bytes_ratio": nbytes / self.total_fp32, "loss": loss,
                      "loss_pct": 100.0 * loss / sens.base_loss, "seconds": seconds}  # fmt: skip

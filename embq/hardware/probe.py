@@ -61,7 +61,7 @@ def _lscpu() -> dict[str, str]:
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
 
 
-def _size_bytes(text: str) -> int:
+def size_bytes(text: str) -> int:
     """'32 MiB (1 instance)' -> 33554432 (every instance counted)."""
     m = re.match(r"([\d.]+)\s*([KMG])i?B(?:\s*\((\d+) instances?\))?", text or "")
     if not m:
@@ -96,7 +96,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "architecture": cpu.get("Architecture", platform.machine()),
         "threads": threads,
         "memory_bytes": mem,
-        "l3_bytes": _size_bytes(cpu.get("L3 cache", "")),
+        "l3_bytes": size_bytes(cpu.get("L3 cache", "")),
         "software": f"torch {torch.__version__}, fbgemm-gpu-cpu {fbgemm}",
     }  # fmt: skip
 
@@ -184,7 +184,7 @@ def time_module(tables: list, kernel: Any, ids: int, settings: Settings, seed: i
 # --------------------------------------------------------------------------- fitting
 
 
-class _Columns:
+class FitColumns:
     """Named columns of a non-negative least-squares fit."""
 
     def __init__(self) -> None:
@@ -230,7 +230,7 @@ def probe_lookups(spec: HardwareSpec, settings: Settings, progress: bool = True)
 
     Returns:
         {"kernels": {kernel: {"call_us", "line_ns", "formats": {key: {table_us, id_ns,
-         byte_ns}}}}, "permute_us", "permute_ns", "fit_median_rel_error", "points"}
+         byte_ns}}}}, "permute_us", "permute_ns", "reorder_ns", "fit_median_rel_error", "points"}
     """
     from tqdm import tqdm
 
@@ -242,7 +242,7 @@ def probe_lookups(spec: HardwareSpec, settings: Settings, progress: bool = True)
     kernels = [k for k in spec.lookup_kernels.values() if k.runtime is not None]
     jobs = [(k, f, d, t, n) for k in kernels for f in k.formats for d in settings.dims
             for t in settings.tables for n in settings.ids]  # fmt: skip
-    cols = _Columns()
+    cols = FitColumns()
     cache: dict[tuple, list] = {}
     bar = tqdm(jobs, desc="probe lookups", unit="point", disable=not progress)
     for seed, (k, key, dim, t, n) in enumerate(bar):
@@ -256,28 +256,34 @@ def probe_lookups(spec: HardwareSpec, settings: Settings, progress: bool = True)
         cols.add({f"call/{k.serves}": 1e-6, f"table/{k.name}/{key}": t * 1e-6,
                   f"id/{k.name}/{key}": t * n * 1e-9, f"byte/{k.name}/{key}": t * n * b * 1e-9},
                  seconds)  # fmt: skip
-    # two calls that each serve half the tables: every call pays the permute
-    tbe = [k for k in kernels if k.serves == "fbgemm-tbe" and "int8" in k.formats]
+    # two calls that each serve half the tables (int4 rows padded by one kernel, not by the
+    # other): every call pays the permute, and the outputs are put back in feature order
+    tbe = [k for k in kernels if k.serves == "fbgemm-tbe" and "int4" in k.formats]
     aligned = {str(k.row_alignment) for k in tbe}
     if len(tbe) >= 2 and len(aligned) >= 2:
         a, b = tbe[0], next(k for k in tbe if str(k.row_alignment) != str(tbe[0].row_alignment))
-        tables = cache.get(("int8", 16)) or [small_table("int8", SMALL_ROWS, 16, i) for i in range(8)]
-        tables = tables[: max(settings.tables)]
-        choice = {t.name: (a if i % 2 == 0 else b).runtime for i, t in enumerate(tables)}
-        for n in settings.ids:
-            seconds = time_module(tables, choice, n, settings, 7)
-            terms = {f"call/{a.serves}": 2e-6, "permute_us": 2e-6,
-                     "permute_ns": 2 * len(tables) * n * 1e-9}  # fmt: skip
-            for kk, share in ((a, (len(tables) + 1) // 2), (b, len(tables) // 2)):
-                bb = _row_bytes(spec, kk.name, "int8", 16)
-                terms[f"table/{kk.name}/int8"] = terms.get(f"table/{kk.name}/int8", 0) + share * 1e-6
-                terms[f"id/{kk.name}/int8"] = terms.get(f"id/{kk.name}/int8", 0) + share * n * 1e-9
-                terms[f"byte/{kk.name}/int8"] = (terms.get(f"byte/{kk.name}/int8", 0)
-                                                 + share * n * bb * 1e-9)  # fmt: skip
-            cols.add(terms, seconds)
+        for dim in settings.dims:
+            fmt = PROBE_FORMATS["int4"][settings.dims.index(dim)]
+            tables = cache.get((fmt, dim)) or [small_table(fmt, SMALL_ROWS, dim, i)
+                                               for i in range(max(settings.tables))]  # fmt: skip
+            tables = tables[: max(settings.tables)]
+            choice = {t.name: (a if i % 2 == 0 else b).runtime for i, t in enumerate(tables)}
+            for n in settings.ids:
+                seconds = time_module(tables, choice, n, settings, 7)
+                terms = {f"call/{a.serves}": 2e-6, "permute_us": 2e-6,
+                         "permute_ns": 2 * len(tables) * n * 1e-9,
+                         "reorder_ns": len(tables) * n * dim * 1e-9}  # fmt: skip
+                for kk, share in ((a, (len(tables) + 1) // 2), (b, len(tables) // 2)):
+                    bb = _row_bytes(spec, kk.name, fmt, dim)
+                    for name, value in ((f"table/{kk.name}/int4", share * 1e-6),
+                                        (f"id/{kk.name}/int4", share * n * 1e-9),
+                                        (f"byte/{kk.name}/int4", share * n * bb * 1e-9)):
+                        terms[name] = terms.get(name, 0.0) + value  # fmt: skip
+                cols.add(terms, seconds)
     coef, fit_error = cols.fit()
     out: dict[str, Any] = {"kernels": {}, "permute_us": round(coef.get("permute_us", 0.0), 3),
                            "permute_ns": round(coef.get("permute_ns", 0.0), 4),
+                           "reorder_ns": round(coef.get("reorder_ns", 0.0), 4),
                            "fit_median_rel_error": round(fit_error, 4), "points": len(cols.y)}  # fmt: skip
     for k in kernels:
         out["kernels"][k.name] = {
@@ -337,7 +343,7 @@ def probe_dense(spec: HardwareSpec, settings: Settings, progress: bool = True) -
             kind = "fp32"  # fp32, or low-bit weights served dequantized
         else:
             continue  # a kernel embq's runtime does not run here: keep the base coefficients
-        cols = _Columns()
+        cols = FitColumns()
         for i, o in shapes:
             layer = torch.nn.Linear(i, o)
             if kind == "int8":
@@ -382,7 +388,8 @@ def run_probe(base: str | os.PathLike = "x86-fbgemm", threads: int = 1, quick: b
     data["memory"][tier]["bandwidth_gb_s"] = memory_bandwidth_gb_s()
     for kname, fitted in lookups["kernels"].items():
         data["lookup_kernels"][kname]["cost"] = fitted
-    data["permute_us"], data["permute_ns"] = lookups["permute_us"], lookups["permute_ns"]
+    for key in ("permute_us", "permute_ns", "reorder_ns"):
+        data[key] = lookups[key]
     for dname, fitted in dense.items():
         data["dense_kernels"][dname]["cost"] = {"layer_us": fitted["layer_us"],
                                                 "mac_ns": fitted["mac_ns"]}  # fmt: skip

@@ -7,7 +7,7 @@ HiGHS), with HAGO's greedy search as the baseline it is compared with.
     subject to  sum_o x[i,o] = 1                                   every item one option
                 sum_(i budgeted) sum_o bytes[i,o] x[i,o] <= max_bytes
                 sum_(o in tier t) tier_bytes[i,o] x[i,o] <= capacity[t]     every tier
-                sum seconds[i,o] x[i,o] + sum_g (call[g] y[g] - alone[g] w[g]) <= max_seconds
+                base + sum seconds[i,o] x[i,o] + sum_g (call[g] y[g] - alone[g] w[g]) <= max_seconds
                 x[i,o] <= y[group(o)]         a call is paid once if any of its options is picked
                 w[g] <= y[g],  G w[g] + sum_(h != g) y[h] <= G   `alone[g]` is saved when g is the
                                                                   only call (G: number of calls)
@@ -76,7 +76,8 @@ class Item:
 @dataclass(frozen=True)
 class Problem:
     """Items and constraints (None / missing: unconstrained). `group_alone` is the part of a
-    call's overhead saved when it is the only call (the permute it then skips)."""
+    call's overhead saved when it is the only call (the permute it then skips, and the reorder
+    of the outputs, which `base_seconds` counts once for every plan)."""
 
     items: tuple[Item, ...]
     max_bytes: int | None = None
@@ -84,6 +85,7 @@ class Problem:
     max_seconds: float | None = None
     group_seconds: dict[str, float] = field(default_factory=dict)
     group_alone: dict[str, float] = field(default_factory=dict)
+    base_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_bytes is not None and self.max_bytes < 0:
@@ -113,7 +115,7 @@ class Solution:
 
 def evaluate(problem: Problem, picks: Sequence[int], solver: str = "") -> Solution:
     """The exact loss, budgeted bytes, tier bytes and seconds of an assignment."""
-    loss, nbytes, seconds = 0.0, 0, 0.0
+    loss, nbytes, seconds = 0.0, 0, problem.base_seconds
     tiers: dict[str, int] = {}
     groups = set()
     for item, k in zip(problem.items, picks):
@@ -200,7 +202,9 @@ class _Model:
                     a[c] = self.option(c).bytes / max(cap, 1.0)
             rows.append((a, -np.inf, cap / max(cap, 1.0)))
         if p.max_seconds is not None:
-            rows.append((self.seconds_vector() / max(p.max_seconds, 1e-12), -np.inf, 1.0))
+            scale = max(p.max_seconds, 1e-12)
+            rows.append((self.seconds_vector() / scale, -np.inf,
+                         (p.max_seconds - p.base_seconds) / scale))  # fmt: skip
         return rows
 
     def seconds_vector(self) -> np.ndarray:
@@ -292,7 +296,7 @@ def solve_exact(problem: Problem) -> Solution:
     reduced = Problem(tuple(Item(item.name, tuple(item.options[k] for k in ks), item.budgeted)
                             for item, ks in zip(problem.items, kept)),
                       problem.max_bytes, problem.capacities, problem.max_seconds,
-                      problem.group_seconds, problem.group_alone)  # fmt: skip
+                      problem.group_seconds, problem.group_alone, problem.base_seconds)  # fmt: skip
     s = _solve_exact(reduced)
     picks = tuple(ks[k] for ks, k in zip(kept, s.picks))
     return evaluate(problem, picks, "exact")

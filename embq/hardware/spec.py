@@ -35,6 +35,8 @@ name or any path)::
             int4: {table_us: 1.0, id_ns: 5.0, byte_ns: 0.1}
     permute_us: 5.0             # a call that serves only some features picks their ids out
     permute_ns: 1.0             #   of the batch: once per such call, plus per id of the batch
+    reorder_ns: 0.5             # with more than one call, the pooled outputs are put back in
+                                #   feature order: per output value of the batch
     dense_kernels:              # ways of running one dense layer
       fp32: {w_bits: 32, a_bits: 32, stored_bits: 32, cost: {layer_us: 2.0, mac_ns: 0.02}}
       int8: {w_bits: 8, a_bits: 8, stored_bits: 8, memory: dram, cost: {...}}
@@ -146,6 +148,7 @@ class HardwareSpec:
     dense_kernels: dict[str, DenseKernel]
     permute_us: float
     permute_ns: float
+    reorder_ns: float = 0.0
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -336,7 +339,7 @@ def parse_spec(data: Any, where: str = "<spec>") -> HardwareSpec:
         cache_line=r.integer("cache_line", 64, low=1), cache_bytes=r.integer("cache_bytes", 0),
         batch=r.integer("batch", 512, low=1), memory=tiers, lookup_kernels=kernels,
         dense_kernels=dense_kernels, permute_us=r.number("permute_us", 0.0),
-        permute_ns=r.number("permute_ns", 0.0),
+        permute_ns=r.number("permute_ns", 0.0), reorder_ns=r.number("reorder_ns", 0.0),
     )  # fmt: skip
     r.done()
     return spec

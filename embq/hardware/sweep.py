@@ -5,6 +5,7 @@ whether the search earns its keep (`summary`).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,8 +105,8 @@ def latency_error(plans: list[Planned]) -> float | None:
 
 def markdown(planner: Planner, sweep: Sweep) -> str:
     """The sweep as a Markdown table: one line per plan, predicted and measured."""
-    head = ("| plan | bytes vs fp32 | predicted log loss | measured log loss | predicted lookup "
-            "ms | measured lookup ms | choices |")  # fmt: skip
+    head = ("| plan | bytes vs fp32 | predicted log loss (calibration rows) | measured log loss "
+            "(held-out) | predicted lookup ms | measured lookup ms | choices |")  # fmt: skip
     lines = [head, "|" + "---|" * 7]
 
     def ms(p: Planned, key: str, src: dict) -> str:
@@ -114,8 +115,8 @@ def markdown(planner: Planner, sweep: Sweep) -> str:
     for p in sweep.plans():
         bytes_ratio = p.measured.get("bytes_ratio", p.predicted["bytes_ratio"])
         measured = f"{p.measured['loss_pct']:+.3f}%" if "loss_pct" in p.measured else "—"
-        choices = ", ".join(f"{k} x{v}" for k, v in sorted(p.row()["choices"].items(),
-                                                               key=lambda kv: -kv[1]))  # fmt: skip
+        choices = ", ".join(f"{re.sub(r'[(].*?[)]', '', k)} x{v}" for k, v in
+                            sorted(p.row()["choices"].items(), key=lambda kv: -kv[1]))  # fmt: skip
         lines.append(f"| {p.name} | {bytes_ratio:.4f} | {p.predicted['loss_pct']:+.3f}% | "
                      f"{measured} | {ms(p, 'seconds', p.predicted)} | "
                      f"{ms(p, 'seconds', p.measured)} | {choices} |")  # fmt: skip

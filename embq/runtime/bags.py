@@ -88,13 +88,27 @@ class QuantEmbeddingBags(torch.nn.Module):
         self.feature_names = list(feature_names)
         self.feature_dims = list(feature_dims)
         self.num_features: int = len(feature_names)
-        # Groups emit their features' columns group by group; `columns` puts them back in
-        # feature order (column j of the output is column columns[j] of the concatenation).
-        starts = np.concatenate([[0], np.cumsum(feature_dims)]).astype(np.int64)
-        emitted = [c for fs in group_features for f in fs for c in range(starts[f], starts[f + 1])]
-        inverse = np.argsort(np.asarray(emitted, dtype=np.int64), kind="stable")
-        self.in_order: bool = emitted == list(range(int(starts[-1])))
-        self.register_buffer("columns", torch.from_numpy(inverse), persistent=False)
+        # Groups emit their features' columns group by group; `pieces` puts them back in
+        # feature order: (group, first column, width) of each run of features that sit side by
+        # side in one group's output and in the model's order, concatenated once. (A column
+        # gather, index_select on dim 1, took 3 ms for [512, 26 x 64] on one thread here: six
+        # times copying the output, which is what the concatenation of slices costs.)
+        where = {}
+        for g, fs in enumerate(group_features):
+            column = 0
+            for f in fs:
+                where[f] = (g, column)
+                column += feature_dims[f]
+        pieces: list[list[int]] = []
+        for f in range(len(feature_names)):
+            g, column = where[f]
+            last = pieces[-1] if pieces else None
+            if last is not None and last[0] == g and last[1] + last[2] == column:
+                last[2] += feature_dims[f]
+            else:
+                pieces.append([g, column, feature_dims[f]])
+        self.pieces: list[tuple[int, int, int]] = [(g, c, w) for g, c, w in pieces]
+        self.in_order: bool = len(self.pieces) == 1
 
     def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         values = values.to(torch.int64)
@@ -104,10 +118,9 @@ class QuantEmbeddingBags(torch.nn.Module):
         outs: list[torch.Tensor] = []
         for group in self.groups:
             outs.append(group(values, offsets, lengths))
-        pooled = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if self.in_order:
-            return pooled
-        return pooled.index_select(1, self.columns)
+            return outs[0]
+        return torch.cat([outs[g].narrow(1, c, w) for g, c, w in self.pieces], dim=1)
 
 
 def build_embedding_bags(
