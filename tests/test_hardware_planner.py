@@ -172,11 +172,12 @@ def test_encodings_are_what_quantize_makes(trained, planner):
 
 def test_monotone_predictions():
     out = monotone({"fp32": 0.0, "fp16": -1e-6, "int8": 2e-6, "int4-opt": 1e-6,
-                    "int4-greedy": 5e-6, "int2-opt": -3e-6, "pq4x8": -1.0})  # fmt: skip
-    assert out["fp32"] == 0 and out["pq4x8"] == 0
-    assert out["fp16"] > 0 and out["int8"] == 2e-6
+                    "int4-greedy": 5e-6, "int2-opt": -3e-6, "pq4x8": -1.0, "pq8x8": 9e-6}, 16)  # fmt: skip
+    assert out["fp32"] == 0 and out["fp16"] > 0 and out["int8"] == 2e-6
     assert out["int4-opt"] > out["int8"] and out["int4-greedy"] == 5e-6
     assert out["int2-opt"] > out["int4-opt"] and out["int2-opt"] < out["int4-greedy"]
+    # PQ by its code bits per value at dim 16: pq8x8 has 4 (with int4), pq4x8 2 (with int2)
+    assert out["pq8x8"] == 9e-6 and out["pq4x8"] == out["int2-opt"]
 
 
 def test_plans_fit_and_measure_as_quantize_serves_them(trained, planner):
@@ -278,3 +279,23 @@ def test_the_search_prices_plans_as_the_latency_model_does(planner):
     picks = [next(k for k, o in enumerate(item.options) if o.label == c.label)
              for item, c in zip(problem.items, uniform.choices)]  # fmt: skip
     assert evaluate(problem, picks).seconds == pytest.approx(uniform.predicted["seconds"], rel=1e-12)
+
+
+def test_calibration_rows_never_overlap_the_held_out_rows(trained):
+    from embq.hardware.planner import Planner
+    from embq.hardware.spec import load_spec
+
+    model, data, _ = trained
+    spec = load_spec("x86-fbgemm")
+    (_, train_stop), (held_start, held_stop) = data.split(0.1)
+    train = Planner(model, data, spec, calib_rows=5000, progress=False)
+    assert train.calib_range == (train_stop - 5000, train_stop)
+    assert train.heldout_range == (held_start, held_stop)
+    held = Planner(model, data, spec, calib_rows=5000, calibration="holdout", progress=False)
+    middle = (held_start + held_stop) // 2
+    assert held.calib_range == (held_start, min(middle, held_start + 5000))
+    assert held.heldout_range == (middle, held_stop)
+    with pytest.raises(ConfigError, match="exceeds"):
+        Planner(model, data, spec, calib_rows=10**9, progress=False)
+    with pytest.raises(ConfigError, match="calibration must be"):
+        Planner(model, data, spec, calibration="test", progress=False)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from embq.hardware.search import (
+    LOSS_TOLERANCE,
     InfeasibleError,
     Item,
     Option,
@@ -80,7 +81,9 @@ def test_exact_search_equals_brute_force(seed):
         return
     s = solve_exact(problem)
     assert feasible(problem, s)
-    assert s.loss == pytest.approx(best, rel=1e-9, abs=1e-15)
+    # optimal up to the documented tie tolerance (a second solve picks the fastest of the ties)
+    largest = max(o.loss for item in problem.items for o in item.options)
+    assert best - 1e-15 <= s.loss <= best + 2 * LOSS_TOLERANCE * largest + 1e-15
     assert min_feasible_bytes(replace(problem, max_bytes=None)) == least
     greedy = greedy_for_budget(problem) if _greedy_ok(problem) else None
     if greedy is not None:

@@ -31,7 +31,9 @@ import numpy as np
 
 from embq.errors import ConfigError
 
-LOSS_TOLERANCE = 1e-9  # relative: plans within it of the optimum's loss count as optimal
+# plans within LOSS_TOLERANCE x the largest option loss of the optimum count as equally good
+# (tighter ties are below HiGHS' feasibility tolerance and make the second solve infeasible)
+LOSS_TOLERANCE = 1e-6
 
 
 class InfeasibleError(ConfigError):
@@ -315,14 +317,16 @@ def _solve_exact(problem: Problem) -> Solution:
         # second solve: the fastest, then smallest, plan whose loss is within tolerance of best
         loss = model.loss_vector()
         scale = max(np.abs(loss).max(), 1e-300)
-        slack = LOSS_TOLERANCE * max(1.0, float(np.abs(loss).sum()) / scale)
-        tie = (loss / scale, -np.inf, best.loss / scale + slack)
         objective = _scaled(model.seconds_vector()) + 1e-6 * _scaled(model.bytes_vector())
-        x2 = model.solve(objective, [*rows, tie])
-        if x2 is not None:
+        for slack in (LOSS_TOLERANCE, 10 * LOSS_TOLERANCE):  # a looser tie if HiGHS balks
+            tie = (loss / scale, -np.inf, best.loss / scale + slack)
+            x2 = model.solve(objective, [*rows, tie])
+            if x2 is None:
+                continue
             second = evaluate(problem, model.picks(x2), "exact")
-            if second.loss <= best.loss + slack * scale and feasible(problem, second):
+            if second.loss <= best.loss + 2 * slack * scale and feasible(problem, second):
                 best = second
+            break
         if feasible(problem, best):
             return best
         if budget is not None and best.bytes > problem.max_bytes:  # type: ignore[operator]

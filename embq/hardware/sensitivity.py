@@ -19,11 +19,11 @@ weighted squared reconstruction error of the rows the calibration ids touch, wei
 dimension by the loss's sensitivity there. Only touched rows are decoded.
 
 What the search uses (`Sensitivity.predicted`) is the measurement made monotone in precision:
-no format is predicted to lose less than fp32 (0), and a row-wise or float format is never
-predicted to lose less than the best one with more bits per value (fp32 > fp16 > int8 > int4 >
-int2), plus a hair, so that of two formats with the same bytes on a target the coarser is never
-chosen for a measured gain that is calibration noise (a table's 4-row int2 measuring below its
-int4). The raw measurements stay in the JSON.
+no format is predicted to lose less than fp32 (0), and no format is predicted to lose less than
+the best one with more bits per value (fp32 > fp16 > int8 > int4 = cb4 > int2; PQ by its code
+bits per value, pq32x8 at dim 64 has 4), plus a hair, so that a coarser format is never chosen
+for a measured gain that is calibration noise (a 4-row table's int2 measuring below its int4).
+The raw measurements stay in the JSON.
 
 Results are cached as JSON keyed by the model's digest, the calibration rows and the formats.
 """
@@ -196,7 +196,8 @@ class Sensitivity:
         name = str(parse_format(fmt))
         cache = self.extra.setdefault("_predicted", {})
         if table not in cache:
-            cache[table] = monotone({f: self.measured(table, f) for f in self.formats(table)})
+            cache[table] = monotone({f: self.measured(table, f) for f in self.formats(table)},
+                                    int(self.tables[table]["dim"]))  # fmt: skip
         return cache[table][name]
 
     def formats(self, table: str) -> list[str]:
@@ -229,20 +230,24 @@ class Sensitivity:
                    data.get("seconds", 0.0), data.get("key", ""), True, data.get("extra", {}))  # fmt: skip
 
 
-def _precision(fmt: str) -> int | None:
-    """Bits per value of a float or row-wise format (None for codebooks and PQ)."""
+def bits_per_value(fmt: str, dim: int) -> float:
+    """Code bits per value of a format at `dim` (qparams and codebooks left out)."""
     config = parse_format(fmt)
-    return config.bits if config.kind in ("float", "rowwise") else None  # type: ignore[attr-defined]
+    if config.kind in ("float", "rowwise"):
+        return float(config.bits)  # type: ignore[attr-defined]
+    if config.kind == "pq":
+        return config.m * config.bits / dim  # type: ignore[attr-defined]
+    return 4.0  # cb4-row, cb4-shared
 
 
-def monotone(measured: dict[str, float]) -> dict[str, float]:
-    """{format: loss} with every loss at least 0 and every float / row-wise format's loss at
-    least the best loss among formats with more bits per value, plus MONOTONE_STEP."""
+def monotone(measured: dict[str, float], dim: int) -> dict[str, float]:
+    """{format: loss} with every loss at least 0 and at least the best loss among formats with
+    more bits per value (at `dim`), plus MONOTONE_STEP."""
     out = {f: max(0.0, v) for f, v in measured.items()}
-    levels = sorted({b for f in out if (b := _precision(f)) is not None}, reverse=True)
+    levels = sorted({bits_per_value(f, dim) for f in out}, reverse=True)
     floor = 0.0
     for i, bits in enumerate(levels):
-        here = [f for f in out if _precision(f) == bits]
+        here = [f for f in out if bits_per_value(f, dim) == bits]
         if i > 0:
             for f in here:
                 out[f] = max(out[f], floor + MONOTONE_STEP)
