@@ -5,14 +5,16 @@
     python scripts/bench_plan.py --model runs/movielens/model \
         --data datasets/prepared/movielens-100k       # any model trained by `embq train`
 
-1. x86-fbgemm: re-probe this machine (`embq hardware probe --quick`, so that the latency model
-   and the measurements see the same load; `--no-probe` uses the shipped spec), sensitivities on
+1. x86-fbgemm: re-probe this machine (`embq hardware probe`, so that the latency model and the
+   measurements see the same machine state; `--no-probe` uses the shipped spec), sensitivities on
    calibration rows (the last `--calib-rows` training rows), then at every budget of the sweep
    the exact plan and HAGO's greedy plan, and every uniform format on its smallest kernel. Each
    is quantized and measured on the held-out rows `embq train` held out (disjoint from the
    calibration rows): log loss, the bytes embq's runtime holds (metadata memory_bytes), and the
    lookup latency at batch 512 on one thread (the runtime's embedding module, interleaved
-   rounds, medians) against the spec's prediction.
+   rounds, medians of the calling thread's CPU time, which the probe measures too: the latency
+   of an idle machine without the time other processes took; wall-clock medians beside them)
+   against the spec's prediction.
 2. nvidia-fbgemm: padded row bytes, the smallest feasible budget, a plan at 0.27 of fp32.
 3. accelerator: a plan; every format it picks must be one the spec lists.
 
@@ -84,9 +86,9 @@ def main() -> None:
     else:
         from embq.hardware.probe import run_probe, write_spec
 
-        print("[1/4] probing this machine (embq hardware probe --quick)", flush=True)
+        print("[1/4] probing this machine (embq hardware probe)", flush=True)
         t0 = time.perf_counter()
-        x86 = load_spec(write_spec(run_probe("x86-fbgemm", threads=1, quick=True, progress=False),
+        x86 = load_spec(write_spec(run_probe("x86-fbgemm", threads=1, progress=False),
                                    work / "x86-fbgemm.yaml"))  # fmt: skip
         probe_seconds = time.perf_counter() - t0
 
@@ -107,7 +109,7 @@ def main() -> None:
     ids = planner.ids()
     for p in exact_plans:  # the same plans priced by the shipped spec's coefficients
         p.predicted["seconds_shipped_spec"] = lookup_seconds(shipped, p.choices, ids,
-                                                             planner.out_values())["seconds"]
+                                                             planner.outs())["seconds"]
     shipped_errors = sorted(abs(p.predicted["seconds_shipped_spec"] - p.measured["seconds"])
                             / p.measured["seconds"] for p in exact_plans if "seconds" in p.measured)  # fmt: skip
 
@@ -146,6 +148,7 @@ def main() -> None:
             result[f"cpu_plan_logloss_delta_pct_{key(b)}"] = round(p.measured["loss_pct"], 4)
             if "seconds" in p.measured:
                 result[f"cpu_plan_lookup_ms_{key(b)}"] = round(p.measured["seconds"] * 1e3, 4)
+                result[f"cpu_plan_lookup_wall_ms_{key(b)}"] = round(p.measured["wall_seconds"] * 1e3, 4)
     for b, p in sweep.greedy.items():
         if p is not None:
             result[f"greedy_plan_logloss_delta_pct_{key(b)}"] = round(p.measured["loss_pct"], 4)

@@ -6,7 +6,8 @@ one fbgemm TBE per row alignment, one ATen n-bit collection, one codebook collec
 
     seconds = sum over calls   [call_us + (permute_us + permute_ns * ids in the batch)]
             + sum over tables  [table_us + ids * (id_ns + byte_ns * row bytes
-                                                 + line_ns * cache lines per row * miss)]
+                                                 + line_ns * cache lines per row * miss)
+                                + out_ns * pooled values written (bags x dim)]
             + reorder_ns * output values        (more than one call)
 
 The permute term is paid by each call that picks its features out of the batch (not by
@@ -42,13 +43,15 @@ def miss_fraction(spec: HardwareSpec, table_bytes: int, tables: int) -> float:
     return max(0.0, 1.0 - share / table_bytes)
 
 
-def table_seconds(spec: HardwareSpec, choice: TableChoice, ids: float, tables: int) -> float:
-    """The per-table part of a lookup call for `ids` ids of one table (of `tables` in all)."""
+def table_seconds(spec: HardwareSpec, choice: TableChoice, ids: float, tables: int,
+                  out_values: float = 0.0) -> float:  # fmt: skip
+    """The per-table part of a lookup call for `ids` ids of one table (of `tables` in all),
+    writing `out_values` pooled floats."""
     kernel = spec.lookup_kernels[choice.kernel]
     c = kernel.costs[format_key(choice.format)]
     per_id = c.id_ns + c.byte_ns * choice.row_bytes
     per_id += kernel.line_ns * lines_per_row(spec, choice) * miss_fraction(spec, choice.bytes, tables)
-    return (c.table_us * 1e3 + ids * per_id) * 1e-9
+    return (c.table_us * 1e3 + ids * per_id + kernel.out_ns * out_values) * 1e-9
 
 
 def group_seconds(spec: HardwareSpec, choice: TableChoice, batch_ids: float, alone: bool) -> float:
@@ -67,9 +70,9 @@ def reorder_seconds(spec: HardwareSpec, out_values: float) -> float:
 
 
 def lookup_seconds(spec: HardwareSpec, choices: Sequence[TableChoice], ids: Sequence[float],
-                   out_values: float = 0.0) -> dict:  # fmt: skip
+                   outs: Sequence[float] | None = None) -> dict:  # fmt: skip
     """Predicted seconds of one batch's lookups: `choices[i]` serves table i, which looks up
-    `ids[i]` ids in the batch; the batch's pooled output holds `out_values` floats.
+    `ids[i]` ids in the batch and writes `outs[i]` pooled floats (bags x dim).
 
     Returns:
         {"seconds": total, "calls": {group: seconds of its call}, "tables": [seconds per table],
@@ -82,8 +85,9 @@ def lookup_seconds(spec: HardwareSpec, choices: Sequence[TableChoice], ids: Sequ
         first.setdefault(c.group, c)
     alone = len(first) == 1
     calls = {g: group_seconds(spec, c, batch_ids, alone) for g, c in first.items()}
-    per_table = [table_seconds(spec, c, n, tables) for c, n in zip(choices, ids)]
-    reorder = 0.0 if alone else reorder_seconds(spec, out_values)
+    outs = list(outs) if outs is not None else [0.0] * len(choices)
+    per_table = [table_seconds(spec, c, n, tables, o) for c, n, o in zip(choices, ids, outs)]
+    reorder = 0.0 if alone else reorder_seconds(spec, sum(outs))
     return {"seconds": sum(calls.values()) + sum(per_table) + reorder, "calls": calls,
             "tables": per_table, "reorder": reorder}  # fmt: skip
 

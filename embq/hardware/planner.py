@@ -209,9 +209,9 @@ class Planner:
         sens = self.sensitivity()
         return [self.batch * sens.tables[t.name]["ids_per_row"] for t in self.tables]
 
-    def out_values(self) -> float:
-        """Floats of a batch's pooled output: batch x features x dim."""
-        return float(self.batch * sum(len(t.feature_names) * t.dim for t in self.tables))
+    def outs(self) -> list[float]:
+        """Pooled floats each table writes in a batch: batch x its features x dim."""
+        return [float(self.batch * len(t.feature_names) * t.dim) for t in self.tables]
 
     def choices(self) -> list[list[TableChoice]]:
         """Each table's choices on the target among the formats it has a sensitivity for."""
@@ -232,11 +232,11 @@ class Planner:
         items, calls, alone = [], {}, {}
         n = len(self.tables)
         batch_ids = float(sum(ids))
-        for t, opts, n_ids in zip(self.tables, self.choices(), ids):
+        for t, opts, n_ids, out in zip(self.tables, self.choices(), ids, self.outs()):
             options = []
             for c in opts:
                 options.append(Option(c.label, sens.predicted(t.name, c.format), c.bytes, c.tier,
-                                      table_seconds(self.spec, c, n_ids, n), c.group))  # fmt: skip
+                                      table_seconds(self.spec, c, n_ids, n, out), c.group))  # fmt: skip
                 both = group_seconds(self.spec, c, batch_ids, alone=False)
                 calls[c.group] = both
                 alone[c.group] = both - group_seconds(self.spec, c, batch_ids, alone=True)
@@ -247,7 +247,7 @@ class Planner:
                               dense_seconds(k, self.batch, layer.in_features, layer.out_features))
                        for k in self.spec.dense_kernels.values()]  # fmt: skip
             items.append(Item(layer.name, tuple(options), budgeted=False))
-        reorder = reorder_seconds(self.spec, self.out_values())
+        reorder = reorder_seconds(self.spec, sum(self.outs()))
         alone = {g: v + reorder for g, v in alone.items()}  # one call: no reorder either
         caps = {k: v.capacity_bytes for k, v in self.spec.memory.items()} if capacities else {}
         return Problem(tuple(items), max_bytes, caps, max_seconds, calls, alone, reorder)
@@ -265,7 +265,7 @@ class Planner:
                    if c.runtime not in (None, "auto")}  # fmt: skip
         plan = Plan(tuple(tables.items()), dense_config(dense) if dense else None,
                     tuple(kernels.items()))  # fmt: skip
-        seconds = lookup_seconds(self.spec, choices, self.ids(), self.out_values())["seconds"]
+        seconds = lookup_seconds(self.spec, choices, self.ids(), self.outs())["seconds"]
         layers = {q.name: q for q in self.dense_layers}
         predicted = {"bytes": nbytes, "bytes_ratio": nbytes / self.total_fp32, "loss": loss,
                      "loss_pct": 100.0 * loss / sens.base_loss, "seconds": seconds}  # fmt: skip
@@ -328,11 +328,11 @@ class Planner:
 
         fmt = str(parse_format(fmt))
         chosen = []
-        for options, n_ids in zip(self.choices(), self.ids()):
+        for options, n_ids, out in zip(self.choices(), self.ids(), self.outs()):
             own = [c for c in options if c.format == fmt] or [c for c in options if c.format == "fp16"]
             if not own:
                 return None
-            chosen.append(min(own, key=lambda c: (c.bytes, table_seconds(self.spec, c, n_ids, 1))))
+            chosen.append(min(own, key=lambda c: (c.bytes, table_seconds(self.spec, c, n_ids, 1, out))))
         if not any(c.format == fmt for c in chosen):
             return None
         return self.planned(f"uniform {fmt}", chosen)
@@ -397,7 +397,9 @@ class Planner:
     def measure_latency(self, plans: list[Planned], rounds: int = 5,
                         threads: int = 1) -> None:  # fmt: skip
         """Median seconds of each plan's lookups (the runtime's embedding module on held-out
-        batches of `batch` rows), timed in interleaved rounds on `threads` torch threads."""
+        batches of `batch` rows), timed in interleaved rounds on `threads` torch threads:
+        "seconds" by the calling thread's CPU clock with one thread (the probe's clock: the
+        latency on an idle machine), else by the wall clock; "wall_seconds" beside it."""
         from embq.hardware.timing import interleaved_medians
 
         runnable = [p for p in plans if all(c.runtime is not None for c in p.choices)]
@@ -413,7 +415,10 @@ class Planner:
                                           min_seconds=0.05)  # fmt: skip
         finally:
             torch.set_num_threads(old)
+        clock = "cpu" if threads == 1 else "wall"
         for p in runnable:
-            p.measured["seconds"] = medians[p.name]
-            p.measured["latency_rel_error"] = abs(p.predicted["seconds"] - medians[p.name]) / medians[p.name]
+            seconds = medians[p.name][clock]
+            p.measured["seconds"] = seconds
+            p.measured["wall_seconds"] = medians[p.name]["wall"]
+            p.measured["latency_rel_error"] = abs(p.predicted["seconds"] - seconds) / seconds
 

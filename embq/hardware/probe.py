@@ -38,16 +38,17 @@ PROBE_FORMATS = {  # format key -> (format name at dim 16, at dim 64)
 class Settings:
     """How long the probe runs: table counts, ids per table, dims, timed calls."""
 
-    tables: tuple[int, ...] = (2, 8)
+    tables: tuple[int, ...] = (2, 10, 26)  # 26: a DLRM's count, where plans are priced
     ids: tuple[int, ...] = (256, 2048)
     dims: tuple[int, ...] = (16, 64)
     min_calls: int = 15
     min_seconds: float = 0.08
     big_bytes: int | None = None  # the out-of-cache table (default: 4 x the last-level cache)
+    clock: str = "cpu"  # `embq.hardware.timing`: the thread's CPU time (one thread) or "wall"
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(tables=(2, 6), ids=(256, 1024), min_calls=8, min_seconds=0.03)
+        return cls(tables=(2, 26), ids=(256, 1024), min_calls=8, min_seconds=0.03)
 
 
 # --------------------------------------------------------------------------- the machine
@@ -178,7 +179,7 @@ def time_module(tables: list, kernel: Any, ids: int, settings: Settings, seed: i
     module = build_embedding_bags(tables, kernel)
     inputs = batch_inputs([t.rows for t in tables], ids, seed)
     return median_seconds(lambda b: module(*b), inputs, min_calls=settings.min_calls,
-                          min_seconds=settings.min_seconds)  # fmt: skip
+                          min_seconds=settings.min_seconds, clock=settings.clock)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- fitting
@@ -254,8 +255,8 @@ def probe_lookups(spec: HardwareSpec, settings: Settings, progress: bool = True)
         seconds = time_module(tables, k.runtime, n, settings, seed)
         b = _row_bytes(spec, k.name, fmt, dim)
         cols.add({f"call/{k.serves}": 1e-6, f"table/{k.name}/{key}": t * 1e-6,
-                  f"id/{k.name}/{key}": t * n * 1e-9, f"byte/{k.name}/{key}": t * n * b * 1e-9},
-                 seconds)  # fmt: skip
+                  f"id/{k.name}/{key}": t * n * 1e-9, f"byte/{k.name}/{key}": t * n * b * 1e-9,
+                  f"out/{k.name}": t * n * dim * 1e-9}, seconds)  # fmt: skip
     # two calls that each serve half the tables (int4 rows padded by one kernel, not by the
     # other): every call pays the permute, and the outputs are put back in feature order
     tbe = [k for k in kernels if k.serves == "fbgemm-tbe" and "int4" in k.formats]
@@ -277,7 +278,8 @@ def probe_lookups(spec: HardwareSpec, settings: Settings, progress: bool = True)
                     bb = _row_bytes(spec, kk.name, fmt, dim)
                     for name, value in ((f"table/{kk.name}/int4", share * 1e-6),
                                         (f"id/{kk.name}/int4", share * n * 1e-9),
-                                        (f"byte/{kk.name}/int4", share * n * bb * 1e-9)):
+                                        (f"byte/{kk.name}/int4", share * n * bb * 1e-9),
+                                        (f"out/{kk.name}", share * n * dim * 1e-9)):
                         terms[name] = terms.get(name, 0.0) + value  # fmt: skip
                 cols.add(terms, seconds)
     coef, fit_error = cols.fit()
@@ -289,6 +291,7 @@ def probe_lookups(spec: HardwareSpec, settings: Settings, progress: bool = True)
         out["kernels"][k.name] = {
             "call_us": round(coef.get(f"call/{k.serves}", 0.0), 3),
             "line_ns": 0.0,
+            "out_ns": round(coef.get(f"out/{k.name}", 0.0), 4),
             "formats": {key: {"table_us": round(coef.get(f"table/{k.name}/{key}", 0.0), 3),
                               "id_ns": round(coef.get(f"id/{k.name}/{key}", 0.0), 3),
                               "byte_ns": round(coef.get(f"byte/{k.name}/{key}", 0.0), 4)}
@@ -311,8 +314,9 @@ def probe_lookups(spec: HardwareSpec, settings: Settings, progress: bool = True)
             module = build_embedding_bags([table], k.runtime)
             batches = batch_inputs([table.rows], big_ids, 13)
             fns[name] = lambda i, m=module, bs=batches: m(*bs[i % len(bs)])
-        seconds = interleaved_medians(fns, list(range(8)), rounds=3, min_calls=settings.min_calls,
+        medians = interleaved_medians(fns, list(range(8)), rounds=3, min_calls=settings.min_calls,
                                       min_seconds=settings.min_seconds)  # fmt: skip
+        seconds = {name: m[settings.clock] for name, m in medians.items()}
         choice = TableChoice(fmt, k.name, k.runtime, k.memory, b,
                              table_bytes(spec, k, fmt, big.rows, dim), "")  # fmt: skip
         lines = lines_per_row(spec, choice) * miss_fraction(spec, choice.bytes, 1)
@@ -352,7 +356,7 @@ def probe_dense(spec: HardwareSpec, settings: Settings, progress: bool = True) -
             for bsz in batches:
                 x = [torch.randn(bsz, i) for _ in range(2)]
                 seconds = median_seconds(layer, x, min_calls=settings.min_calls,
-                                         min_seconds=settings.min_seconds)  # fmt: skip
+                                         min_seconds=settings.min_seconds, clock=settings.clock)  # fmt: skip
                 cols.add({"layer_us": 1e-6, "mac_ns": bsz * i * o * 1e-9}, seconds)
         coef, err = cols.fit()
         out[name] = {"layer_us": round(coef["layer_us"], 3), "mac_ns": round(coef["mac_ns"], 6),
@@ -370,6 +374,9 @@ def run_probe(base: str | os.PathLike = "x86-fbgemm", threads: int = 1, quick: b
     spec = load_spec(base)
     data = yaml.safe_load(Path(spec.path).read_text(encoding="utf-8"))
     settings = Settings.quick() if quick else Settings()
+    # one thread runs every kernel on the calling thread: its CPU time is the latency without
+    # the time other processes took; with more threads only the wall clock sees all the work
+    settings.clock = "cpu" if threads == 1 else "wall"
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     began = time.perf_counter()
@@ -400,7 +407,8 @@ def run_probe(base: str | os.PathLike = "x86-fbgemm", threads: int = 1, quick: b
         "probe": f"embq hardware probe{' --quick' if quick else ''} --threads {threads}, "
                  f"{time.strftime('%Y-%m-%d')}, {lookups['points']} lookup points "
                  f"(fit median relative error {lookups['fit_median_rel_error']:.3f}), "
-                 f"{time.perf_counter() - began:.0f} s; medians of timed calls",
+                 f"{time.perf_counter() - began:.0f} s; medians of timed calls, "
+                 f"{settings.clock} clock",
         "dense_fit_median_rel_error": {k: v["fit_median_rel_error"] for k, v in dense.items()},
     }  # fmt: skip
     return data

@@ -31,6 +31,7 @@ name or any path)::
         cost:                       # microseconds / nanoseconds on `machine`
           call_us: 10.0             # once per call (group of tables)
           line_ns: 40.0             # per cache line of a row that must come from memory
+          out_ns: 0.2               # per pooled value written (bags x dim)
           formats:                  # per format key: per table, per id, per id and row byte
             int4: {table_us: 1.0, id_ns: 5.0, byte_ns: 0.1}
     permute_us: 5.0             # a call that serves only some features picks their ids out
@@ -111,6 +112,7 @@ class LookupKernel:
     costs: dict[str, FormatCost]
     max_row_bytes: dict[str, int]
     whole_input: bool = False
+    out_ns: float = 0.0
 
     def serves_format(self, fmt: str | FormatConfig) -> bool:
         return format_key(fmt) in self.formats
@@ -278,6 +280,7 @@ def _lookup_kernel(r: _Reader, name: str, tiers: dict[str, MemoryTier]) -> Looku
         row_alignment=align, table_alignment=r.integer("table_alignment", 1, low=1),
         memory=memory, call_us=cost.number("call_us"), line_ns=cost.number("line_ns"),
         costs=costs, max_row_bytes=max_rows, whole_input=_flag(r, "whole_input"),
+        out_ns=cost.number("out_ns", 0.0),
     )  # fmt: skip
     cost.done()
     r.done()

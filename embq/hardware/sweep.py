@@ -106,7 +106,7 @@ def latency_error(plans: list[Planned]) -> float | None:
 def markdown(planner: Planner, sweep: Sweep) -> str:
     """The sweep as a Markdown table: one line per plan, predicted and measured."""
     head = ("| plan | bytes vs fp32 | predicted log loss (calibration rows) | measured log loss "
-            "(held-out) | predicted lookup ms | measured lookup ms | choices |")  # fmt: skip
+            "(held-out) | predicted lookup ms | measured lookup ms (CPU clock) | choices |")  # fmt: skip
     lines = [head, "|" + "---|" * 7]
 
     def ms(p: Planned, key: str, src: dict) -> str:
