@@ -236,8 +236,9 @@ class _Model:
 
         a = np.vstack([r[0] for r in rows])
         constraint = LinearConstraint(a, [r[1] for r in rows], [r[2] for r in rows])
-        res = milp(objective, constraints=constraint, integrality=np.ones(self.n),
-                   bounds=Bounds(0, 1), options={"mip_rel_gap": 1e-9})  # fmt: skip
+        with _quiet_stdout():  # HiGHS prints debug lines from C++ despite disp=False
+            res = milp(objective, constraints=constraint, integrality=np.ones(self.n),
+                       bounds=Bounds(0, 1), options={"mip_rel_gap": 1e-9})  # fmt: skip
         if res.status != 0 or res.x is None:
             return None
         return np.round(res.x)
@@ -249,6 +250,26 @@ class _Model:
                 i, k = self.index[c]
                 out[i] = k
         return tuple(out)
+
+
+class _quiet_stdout:
+    """Context: file descriptor 1 goes to /dev/null (C++ code writes there directly)."""
+
+    def __enter__(self) -> None:
+        import os
+        import sys
+
+        sys.stdout.flush()
+        self.saved = os.dup(1)
+        self.null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self.null, 1)
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        os.dup2(self.saved, 1)
+        os.close(self.saved)
+        os.close(self.null)
 
 
 def _scaled(v: np.ndarray) -> np.ndarray:
