@@ -29,6 +29,8 @@ _LAZY = {
     "load": "embq.api",
     "quantize_table": "embq.api",
     "formats": "embq.api",
+    "report": "embq.reports.api",
+    "compare": "embq.reports.api",
     "QuantizedModel": "embq.api",
     "FormatInfo": "embq.api",
     "Plan": "embq.plan",
@@ -53,6 +55,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from embq.embedding.configs import PQ, Float, RowCodebook, Rowwise, SharedCodebook, parse_format
     from embq.models.dlrm import load_model
     from embq.plan import Plan
+    from embq.reports.api import compare, report
 
 
 def __getattr__(name: str) -> Any:

@@ -37,10 +37,13 @@ class QuantizedModel:
         config: the `embq.models.dlrm.DLRMConfig`, or None for an EBC.
         dense: (tensors, meta) of the dense section as the artifact stores it, or None.
         path: the artifact it was loaded from (or saved to last), else None.
+        digest: that artifact's identity, "sha256:..." (`embq.artifact.digest`: the manifest
+            and, through it, every file), else None.
     """
 
     def __init__(self, module: Any, plan: Plan, tables: list, config: Any = None,
-                 dense: tuple[dict, dict] | None = None, path: Path | None = None) -> None:  # fmt: skip
+                 dense: tuple[dict, dict] | None = None, path: Path | None = None,
+                 digest: str | None = None) -> None:  # fmt: skip
         # `module` may be a zero-argument function that builds it: built on first use, so that
         # quantize-then-save never copies the tables into kernels it does not run
         self._module = module
@@ -49,6 +52,7 @@ class QuantizedModel:
         self.config = config
         self.dense = dense
         self.path = path
+        self.digest = digest
 
     @property
     def module(self) -> Any:
@@ -58,7 +62,20 @@ class QuantizedModel:
         return self._module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.config is None and len(args) == 1 and hasattr(args[0], "offsets"):
+            # an EBC called with a KeyedJaggedTensor: TorchRec's quant EBC (fbgemm's TBE) trusts
+            # its offsets, so it gets the one input check first (embq.runtime.validate)
+            from embq.runtime.validate import check_kjt
+
+            check_kjt(args[0], {f: t.rows for t in self.tables for f in t.feature_names},
+                      {f: t.name for t in self.tables for f in t.feature_names})  # fmt: skip
         return self.module(*args, **kwargs)
+
+    def eval(self) -> QuantizedModel:
+        """Inference mode (the module is always in it; here so code written for torch modules
+        can call it)."""
+        self.module.eval()
+        return self
 
     @property
     def stats(self) -> dict[str, dict[str, Any]]:
@@ -232,17 +249,17 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> Path:
     if not isinstance(qmodel, QuantizedModel):
         raise ConfigError(f"save() takes what embq.quantize returns, got {type(qmodel).__name__}")
     kernels = _plan_kernels(qmodel.plan, qmodel.tables)
-    if qmodel.config is not None:
-        out = write_model_artifact(path, qmodel.tables, qmodel.config, *qmodel.dense,
-                                   kernels=kernels)  # fmt: skip
-    else:
-        with ArtifactWriter(path) as writer:
+    with ArtifactWriter(path) as writer:
+        if qmodel.config is not None:
+            write_model_artifact(writer, qmodel.tables, qmodel.config, *qmodel.dense,
+                                 kernels=kernels)  # fmt: skip
+        else:
             for t in qmodel.tables:
                 writer.add_table(t.name, t.format, t.codes, t.dim, params=t.params,
                                  feature_names=t.feature_names, stats=t.stats,
                                  kernel_choice=kernels.get(t.name))  # fmt: skip
-            out = writer.publish()
-    qmodel.path = Path(out)
+        out = writer.publish()
+    qmodel.path, qmodel.digest = Path(out), writer.digest
     return Path(out)
 
 
@@ -250,7 +267,10 @@ def _plan_of(artifact: Any) -> Plan:
     """The plan an artifact was written with, as far as its manifest tells: table formats, the
     kernel choices it records, and the dense method when its towers were quantized by
     embq.dense."""
-    tables = tuple((name, entry.format) for name, entry in artifact.tables.items())
+    formats = [entry.format for entry in artifact.tables.values()]
+    common = max(set(formats), key=formats.count) if formats else None
+    tables = (("*", common),) if common else ()
+    tables += tuple((name, e.format) for name, e in artifact.tables.items() if e.format != common)
     kernels = tuple((n, e.kernel_choice) for n, e in artifact.tables.items() if e.kernel_choice)
     meta = artifact.dense_meta or {}
     info = meta.get("info") or {}
@@ -261,16 +281,22 @@ def _plan_of(artifact: Any) -> Plan:
 
 
 def load(
-    path: str | os.PathLike, kernel: str | dict[str, str] | None = None, verify: bool = True
+    path: str | os.PathLike,
+    kernel: str | dict[str, str] | None = None,
+    verify: bool = True,
+    expect_digest: str | None = None,
 ) -> QuantizedModel:
-    """Load an artifact for inference: every file's size and checksum checked (`verify`), tables
-    on the runtime's kernels (`kernel`: "auto", "compact" or "tbe", or {table or "*": choice};
-    None: the choices the artifact records, else "auto"), memory-mapped.
+    """Load an artifact for inference: its manifest's digest and every file's size and checksum
+    checked (`verify`), tables on the runtime's kernels (`kernel`: "auto", "compact" or "tbe",
+    or {table or "*": choice}; None: the choices the artifact records, else "auto"),
+    memory-mapped. `expect_digest` ("sha256:...") pins the artifact: any other is refused.
 
     Raises:
-        ArtifactError: a missing, truncated, tampered or unknown artifact.
+        ArtifactError: a missing, truncated, tampered, unsealed or unknown artifact, or one
+            whose digest is not `expect_digest`.
         ConfigError: an unknown kernel choice.
     """
+    from embq.artifact.digest import check_expected_digest
     from embq.artifact.reader import load_artifact
     from embq.runtime.bags import (
         artifact_tables,
@@ -279,21 +305,23 @@ def load(
         recorded_kernels,
     )
     from embq.runtime.kernel_choice import check_kernel_choice, resolve_kernels
-    from embq.runtime.load import dlrm_config, load_inference_model
+    from embq.runtime.load import built_from, dlrm_config, load_inference_model
 
     if isinstance(kernel, str):
         check_kernel_choice(kernel)
     artifact = load_artifact(path, verify=verify)
+    check_expected_digest(artifact.digest, expect_digest, str(artifact.path))
     plan = _plan_of(artifact)
     tables = artifact_tables(artifact, model_pooling(artifact))
     kernel = resolve_kernels([t.name for t in tables], kernel, recorded_kernels(artifact))
     if (artifact.model or {}).get("type") != "dlrm":
-        module = build_embedding_bags(tables, kernel)
-        return QuantizedModel(module, plan, tables, path=artifact.path)
+        module = built_from(artifact, "the table lookups", build_embedding_bags, tables, kernel)
+        return QuantizedModel(module, plan, tables, path=artifact.path, digest=artifact.digest)
     config = dlrm_config(artifact)
     module = load_inference_model(artifact, kernel=kernel)
     dense = (artifact.dense(), dict(artifact.dense_meta or {}))
-    return QuantizedModel(module, plan, tables, config, dense, path=artifact.path)
+    return QuantizedModel(module, plan, tables, config, dense, path=artifact.path,
+                          digest=artifact.digest)  # fmt: skip
 
 
 def quantize_table(
@@ -309,3 +337,4 @@ def quantize_table(
     from embq.embedding.stream import quantize_table as stream_table
 
     return stream_table(src, fmt, out, **options)
+

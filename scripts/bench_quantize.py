@@ -2,13 +2,16 @@
 """Benchmark embq's table quantizers against torch / fbgemm in one process.
 
 Speed: embq's GREEDY (`int4-greedy`, `int2-greedy`), better search (`int4-opt`) and min/max
-encoders against ATen `embedding_bag_{4,2}bit_prepack` (optimized_qparams=True / False) and
-fbgemm `FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf`, on the same rows, at several dims.
-Every contender runs once untimed first (embq's numba kernels compile, or load from their cache,
-on first use). Timings alternate the contenders and keep each one's best of several repeats
-(the machine may be shared); rows/s are wall clock, and the cpu_* figures (CPU seconds summed
-over threads) measure work, which other processes on the machine disturb less. `threads` is
-the number of threads embq's searches use (torch's GREEDY op is serial).
+(`int4`) encoders against ATen `embedding_bag_{4,2}bit_prepack` (optimized_qparams=True / False)
+and fbgemm `FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf`, on the same float32 rows, at several
+dims. Every contender runs once untimed first (embq's numba kernels compile, or load from their
+cache, on first use). Then rounds: in each round every contender is timed in turn (interleaved)
+over enough calls to last ~20 ms; the figures are the MEDIAN over the rounds, never the best.
+Both wall-clock and CPU time (summed over threads) are reported, and speedups are given as both
+ratios. Threads: embq's searches (greedy, opt) use `threads` (one per usable core); torch's
+prepack ops, fbgemm's packer and embq's min/max encode (its range check, then fbgemm's packer)
+run on one thread. `int4_minmax_vs_fbgemm` is embq's whole `int4` encode, checks included, in
+rows/s over fbgemm's bare op on the same rows.
 
 Quality, on Gaussian (sigma 0.1) and Student-t(3) (x 0.05) rows of dim 64, squared error vs
 float32 (worst of the two distributions where one figure is reported):
@@ -16,10 +19,13 @@ float32 (worst of the two distributions where one figure is reported):
   - int{4,2}-opt vs GREEDY, and vs the exhaustive grid search (`exhaustive_ranges`);
   - cb4-row vs int4-greedy, and vs the exact 1-D k-means DP (`kmeans1d_exact`);
   - cb4-shared vs int4-greedy, and PQ (pq32x4, pq16x8) vs int2, with bytes per row.
+With a trained model (`--model DIR`, default `runs/demo/model` when `make demo` made it), the
+same ratios on its trained tables: sum of squared errors over every table value / the same for
+int4-greedy (cb4-shared's shared codebook suits Gaussian rows better than trained ones).
 
 Prints a table, then (last line) one JSON object with the figures.
 
-    python scripts/bench_quantize.py --quick     # under a minute
+    python scripts/bench_quantize.py --quick     # about a minute
 """
 
 from __future__ import annotations
@@ -29,9 +35,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clean clone
+# As embq's CLI does: idle OpenMP threads sleep instead of spinning on the core the next
+# contender runs on (torch's prepack ops would otherwise slow whatever is timed after them).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import fbgemm_gpu  # noqa: E402, F401  (registers torch.ops.fbgemm)
 import numpy as np  # noqa: E402
@@ -45,6 +55,8 @@ from embq.embedding.rowwise import row_sse  # noqa: E402
 from tests.reference import exhaustive_ranges, kmeans1d_exact  # noqa: E402
 
 F32 = np.float32
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED_FORMATS = ("int4", "int4-greedy", "int4-opt", "cb4-shared")
 
 
 def make_rows(kind: str, n: int, d: int, seed: int) -> np.ndarray:
@@ -56,18 +68,30 @@ def make_rows(kind: str, n: int, d: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=F32)
 
 
-def best_times(fns: dict[str, callable], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """(wall, cpu) seconds per call of each function, each the best of `repeats`, the
-    contenders interleaved. CPU time sums all threads: a contention-robust work measure."""
-    wall = {k: np.inf for k in fns}
-    cpu = {k: np.inf for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+def median_times(fns: dict[str, Callable[[], object]], rounds: int,
+                 round_seconds: float = 0.02) -> tuple[dict[str, float], dict[str, float]]:
+    """(wall, cpu) seconds per call of each function: the median over `rounds` interleaved
+    rounds (the order rotated every round), each timing a batch of calls that lasts about
+    `round_seconds`. CPU time sums all
+    threads of the process (a measure of work that other jobs on the machine disturb less)."""
+    calls = {}
+    for k, fn in fns.items():  # calibrate the batch size on one call (after the warm-up)
+        t0 = time.perf_counter()
+        fn()
+        calls[k] = max(1, int(round_seconds / max(time.perf_counter() - t0, 1e-7)))
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:  # each round starts elsewhere
+            fn = fns[k]
             t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[k] = min(wall[k], time.perf_counter() - t0)
-            cpu[k] = min(cpu[k], time.process_time() - c0)
-    return wall, cpu
+            for _ in range(calls[k]):
+                fn()
+            wall[k].append((time.perf_counter() - t0) / calls[k])
+            cpu[k].append((time.process_time() - c0) / calls[k])
+    return ({k: float(np.median(v)) for k, v in wall.items()},
+            {k: float(np.median(v)) for k, v in cpu.items()})
 
 
 def aten(bits: int, optimized: bool):
@@ -75,7 +99,7 @@ def aten(bits: int, optimized: bool):
     return lambda w: op(w, optimized, 200, 0.16) if optimized else op(w)
 
 
-def speed_rows(n: int, d: int, repeats: int) -> dict:
+def speed_rows(n: int, d: int, rounds: int) -> dict:
     """Rows per second of each contender on n Gaussian/Student-t rows of dim d."""
     x = np.concatenate([make_rows("gauss", n // 2, d, 1), make_rows("student_t", n - n // 2, d, 2)])
     w = torch.from_numpy(x)
@@ -93,11 +117,13 @@ def speed_rows(n: int, d: int, repeats: int) -> dict:
     }
     for fn in fns.values():  # warm-up: numba kernels compile (or load from cache) on first use
         fn()
-    t, c = best_times(fns, repeats)
+    t, c = median_times(fns, rounds)
     out = {f"{k}_rows_per_s": n / v for k, v in t.items()}
     out.update({f"{k}_cpu_us_per_row": v / n * 1e6 for k, v in c.items()})
     out["int4_greedy_identical"] = bool(np.array_equal(g4.encode(x), aten(4, True)(w).numpy()))
     out["int2_greedy_identical"] = bool(np.array_equal(g2.encode(x), aten(2, True)(w).numpy()))
+    fb = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(w, 4).numpy()
+    out["int4_minmax_identical"] = bool(np.array_equal(i4.encode(x), fb))
     return out
 
 
@@ -140,36 +166,80 @@ def quality(n_search: int, n_table: int) -> dict:
     return res
 
 
+def trained_quality(model_dir: Path) -> dict:
+    """Squared error over every value of a trained model's tables, per format, pooled over its
+    tables (each table encoded as `embq.quantize` encodes it), and ratios to int4-greedy."""
+    import embq
+    from embq.embedding.encode import encode_table
+    from embq.models.tables import find_tables
+
+    model, _ = embq.load_model(model_dir)
+    tables = find_tables(model)
+    energy = sum(float((t.weight.detach().double() ** 2).sum()) for t in tables)
+    sse: dict[str, float] = {}
+    for name in TRAINED_FORMATS:
+        total = 0.0
+        for t in tables:
+            q = encode_table(t, name)
+            total += q.stats["relative_mse"] * float((t.weight.detach().double() ** 2).sum())
+        sse[name] = total
+    return {
+        "model": str(model_dir),
+        "tables": len(tables),
+        "dims": sorted({t.dim for t in tables}),
+        "rows": sum(t.rows for t in tables),
+        "relative_mse": {k: v / energy for k, v in sse.items()},
+        "mse_vs_int4_greedy": {k: v / sse["int4-greedy"] for k, v in sse.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes; finishes in under a minute")
+    ap.add_argument("--quick", action="store_true", help="small sizes; about a minute")
+    ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 9 quick, 15 full)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="a trained model for the trained-table errors (default runs/demo/model "
+                         "if it exists; 'none' to skip)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.quick:
-        sizes, repeats, n_search, n_table = [(4096, 32), (4096, 64), (4096, 128)], 3, 96, 4000
+        sizes, rounds, n_search, n_table = [(4096, 32), (4096, 64), (4096, 128)], 9, 96, 4000
     else:
-        sizes, repeats, n_search, n_table = [(20000, 32), (20000, 64), (20000, 128), (50000, 64)], 3, 400, 20000
+        sizes, rounds, n_search, n_table = [(20000, 32), (20000, 64), (20000, 128), (50000, 64)], 15, 400, 20000
+    rounds = args.rounds or rounds
     rows_main = dict(sizes)[64] if 64 in dict(sizes) else sizes[0][0]
+    model_dir = args.model if args.model is not None else ROOT / "runs" / "demo" / "model"
 
     print(f"embq quantize benchmark ({'quick' if args.quick else 'full'}; {os.cpu_count()} cores; "
-          f"torch {torch.__version__}; embq kernels: {kernel_engine()}, "
-          f"{kernel_threads()} threads); rows/s, best of {repeats}")
-    hdr = (f"{'rows':>6} {'dim':>4} | {'torch g4':>9} {'embq g4':>9} {'x':>5} {'ident':>5} | "
-           f"{'torch g2':>9} {'embq g2':>9} {'x':>5} {'ident':>5} | {'embq opt4':>9} {'x':>5} | "
-           f"{'fbgemm mm4':>10} {'embq mm4':>9}")
+          f"torch {torch.__version__}; embq kernels: {kernel_engine()}, searches on "
+          f"{kernel_threads()} threads, min/max and torch/fbgemm ops on 1); rows/s wall clock, "
+          f"median of {rounds} interleaved rounds; x = wall ratio (CPU-time ratio)")
+    hdr = (f"{'rows':>6} {'dim':>4} | {'torch g4':>9} {'embq g4':>9} {'x (cpu)':>12} {'ident':>5} | "
+           f"{'torch g2':>9} {'embq g2':>9} {'x (cpu)':>12} {'ident':>5} | {'embq opt4':>9} {'x':>5} | "
+           f"{'fbgemm mm4':>10} {'embq mm4':>9} {'x (cpu)':>11}")
     print(hdr)
     print("-" * len(hdr))
     speed = {}
+
+    def ratio(s: dict, ours: str, base: str) -> tuple[float, float]:
+        """(wall, cpu) speed ratio of `ours` over `base`: rows/s over rows/s, cpu/row over cpu/row."""
+        return (s[f"{ours}_rows_per_s"] / s[f"{base}_rows_per_s"],
+                s[f"{base}_cpu_us_per_row"] / s[f"{ours}_cpu_us_per_row"])
+
     for n, d in sizes:
-        s = speed_rows(n, d, repeats)
+        s = speed_rows(n, d, rounds)
         speed[(n, d)] = s
+        g4, g2 = ratio(s, "embq_int4_greedy", "torch_int4_greedy"), ratio(s, "embq_int2_greedy", "torch_int2_greedy")
+        mm = ratio(s, "embq_int4_minmax", "fbgemm_int4_minmax")
         print(f"{n:>6} {d:>4} | {s['torch_int4_greedy_rows_per_s']:>9.0f} {s['embq_int4_greedy_rows_per_s']:>9.0f} "
-              f"{s['embq_int4_greedy_rows_per_s'] / s['torch_int4_greedy_rows_per_s']:>5.1f} {str(s['int4_greedy_identical']):>5} | "
+              f"{g4[0]:>5.1f} ({g4[1]:>4.1f}) {str(s['int4_greedy_identical']):>5} | "
               f"{s['torch_int2_greedy_rows_per_s']:>9.0f} {s['embq_int2_greedy_rows_per_s']:>9.0f} "
-              f"{s['embq_int2_greedy_rows_per_s'] / s['torch_int2_greedy_rows_per_s']:>5.1f} {str(s['int2_greedy_identical']):>5} | "
+              f"{g2[0]:>5.1f} ({g2[1]:>4.1f}) {str(s['int2_greedy_identical']):>5} | "
               f"{s['embq_int4_opt_rows_per_s']:>9.0f} {s['embq_int4_opt_rows_per_s'] / s['torch_int4_greedy_rows_per_s']:>5.1f} | "
-              f"{s['fbgemm_int4_minmax_rows_per_s']:>10.0f} {s['embq_int4_minmax_rows_per_s']:>9.0f}")
-    print("(x = embq rows/s over torch GREEDY rows/s; opt4 x is also over torch int4 GREEDY)")
+              f"{s['fbgemm_int4_minmax_rows_per_s']:>10.0f} {s['embq_int4_minmax_rows_per_s']:>9.0f} "
+              f"{mm[0]:>4.2f} ({mm[1]:.2f})")
+    print("(g4/g2/opt4 x: embq over torch GREEDY; mm4 x: embq's whole int4 encode, checks "
+          "included, over fbgemm's bare packer)")
 
     q = quality(n_search, n_table)
     print(f"\nquality, dim 64, squared error ratios ({n_table // 2} test rows; references on {n_search} rows)")
@@ -180,26 +250,47 @@ def main() -> None:
     bpr = {n: get_format(n).bytes_per_row(64) for n in ("int4-greedy", "int2", "cb4-row", "cb4-shared", "pq32x4", "pq16x8")}
     print("bytes/row at dim 64: " + ", ".join(f"{k} {v}" for k, v in bpr.items()))
 
+    trained = None
+    if str(args.model).lower() != "none" and (model_dir / "config.json").exists():
+        trained = trained_quality(model_dir)
+        print(f"\ntrained tables ({model_dir}: {trained['tables']} tables, dims {trained['dims']}, "
+              f"{trained['rows']:,} rows): relative MSE, and MSE / int4-greedy's")
+        for k, v in trained["relative_mse"].items():
+            print(f"{k:<12} {v:>12.6g} {trained['mse_vs_int4_greedy'][k]:>8.4f}")
+    elif args.model is not None and str(args.model).lower() != "none":
+        raise SystemExit(f"--model {args.model}: no config.json there (a model saved by embq train)")
+    else:
+        print(f"\n(no trained model at {model_dir}: run `make demo`, or pass --model DIR)")
+
     worst = lambda key: max(q["gauss"][key], q["student_t"][key])  # noqa: E731
     s64 = speed[(rows_main, 64)]
+    g4, g2 = ratio(s64, "embq_int4_greedy", "torch_int4_greedy"), ratio(s64, "embq_int2_greedy", "torch_int2_greedy")
+    o4, mm = ratio(s64, "embq_int4_opt", "torch_int4_greedy"), ratio(s64, "embq_int4_minmax", "fbgemm_int4_minmax")
     figures = {
         "dim": 64,
         "rows": rows_main,
         "threads": kernel_threads(),
+        "timing": f"median of {rounds} interleaved rounds; wall-clock and CPU time (all threads)",
         "embq_int4_greedy_rows_per_s": round(s64["embq_int4_greedy_rows_per_s"]),
         "torch_int4_greedy_rows_per_s": round(s64["torch_int4_greedy_rows_per_s"]),
-        "speedup_int4_greedy": round(s64["embq_int4_greedy_rows_per_s"] / s64["torch_int4_greedy_rows_per_s"], 2),
-        "speedup_int2_greedy": round(s64["embq_int2_greedy_rows_per_s"] / s64["torch_int2_greedy_rows_per_s"], 2),
-        "cpu_time_ratio_int4_greedy": round(s64["torch_int4_greedy_cpu_us_per_row"] / s64["embq_int4_greedy_cpu_us_per_row"], 2),
+        "speedup_int4_greedy": round(g4[0], 2),
+        "speedup_int2_greedy": round(g2[0], 2),
+        "cpu_time_ratio_int4_greedy": round(g4[1], 2),
+        "cpu_time_ratio_int2_greedy": round(g2[1], 2),
         "embq_int4_greedy_cpu_us_per_row": round(s64["embq_int4_greedy_cpu_us_per_row"], 2),
         "torch_int4_greedy_cpu_us_per_row": round(s64["torch_int4_greedy_cpu_us_per_row"], 2),
         "int4_greedy_identical": all(v["int4_greedy_identical"] for v in speed.values()),
         "int2_greedy_identical": all(v["int2_greedy_identical"] for v in speed.values()),
         "embq_int4_opt_rows_per_s": round(s64["embq_int4_opt_rows_per_s"]),
-        "speedup_int4_opt_vs_torch_greedy": round(s64["embq_int4_opt_rows_per_s"] / s64["torch_int4_greedy_rows_per_s"], 2),
-        "cpu_time_ratio_int4_opt_vs_torch_greedy": round(s64["torch_int4_greedy_cpu_us_per_row"] / s64["embq_int4_opt_cpu_us_per_row"], 2),
+        "speedup_int4_opt_vs_torch_greedy": round(o4[0], 2),
+        "cpu_time_ratio_int4_opt_vs_torch_greedy": round(o4[1], 2),
         "fbgemm_int4_minmax_rows_per_s": round(s64["fbgemm_int4_minmax_rows_per_s"]),
         "embq_int4_minmax_rows_per_s": round(s64["embq_int4_minmax_rows_per_s"]),
+        "int4_minmax_vs_fbgemm": round(mm[0], 3),
+        "int4_minmax_vs_fbgemm_cpu": round(mm[1], 3),
+        "int4_minmax_vs_fbgemm_by_dim": {d: round(ratio(v, "embq_int4_minmax", "fbgemm_int4_minmax")[0], 3)
+                                         for (_, d), v in speed.items()},
+        "int4_minmax_identical": all(v["int4_minmax_identical"] for v in speed.values()),
         "better_search_mse_ratio_4bit": round(worst("opt_vs_greedy_4"), 4),
         "better_search_mse_ratio_2bit": round(worst("opt_vs_greedy_2"), 4),
         "better_search_excess_over_exhaustive": round(max(worst("opt_vs_exhaustive_4"), worst("opt_vs_exhaustive_2")) - 1, 4),
@@ -207,10 +298,15 @@ def main() -> None:
         "cb4_row_mse_ratio_gauss": round(q["gauss"]["cb4_row_vs_greedy"], 4),
         "cb4_row_excess_over_exact": round(worst("cb4_row_vs_exact") - 1, 5),
         "cb4_shared_mse_ratio": round(worst("cb4_shared_vs_greedy"), 4),
+        "cb4_shared_mse_ratio_gauss": round(q["gauss"]["cb4_shared_vs_greedy"], 4),
         "pq32x4_mse_ratio_vs_int2": round(worst("pq32x4_vs_int2"), 4),
         "pq16x8_mse_ratio_vs_int2": round(worst("pq16x8_vs_int2"), 4),
         "bytes_per_row": bpr,
     }
+    if trained is not None:
+        figures["cb4_shared_mse_ratio_trained"] = round(trained["mse_vs_int4_greedy"]["cb4-shared"], 4)
+        figures["trained"] = {"model": trained["model"], "tables": trained["tables"],
+                              "mse_vs_int4_greedy": {k: round(v, 4) for k, v in trained["mse_vs_int4_greedy"].items()}}
     print(json.dumps(figures))
 
 

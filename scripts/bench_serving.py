@@ -1,25 +1,39 @@
-"""Benchmark: serving large tables, fp32 (TorchRec) against embq's formats, plus an HTTP load test.
+"""Benchmark: serving large tables, fp32 (TorchRec) against embq's formats and TorchRec's own int4,
+plus an HTTP load test.
 
     python scripts/bench_serving.py --quick      # 26 x 200,000 x 64: a few minutes
     python scripts/bench_serving.py              # 26 x 1,000,000 x 64 (6.7 GB fp32; ~12 GB RAM)
 
 1. Build (in a subprocess, cached in --workdir): 26 tables with trained-like values (rows
    ~N(0, s^2), per-row scale s log-normal around 0.05), the demo's MLP shapes at dim 64, and
-   one artifact per format, written by embq (`embq.torchrec.quantize_tables` +
-   `embq.cli_quantize.write_artifact`, what `embq quantize` runs).
-2. Measure, in this one process, for the fp32 model (TorchRec `EmbeddingBagCollection` inside
-   TorchRec's DLRM) and each artifact (embq.runtime kernels, loaded by the serving Predictor
-   with the default kernel choice: "fbgemm-tbe" = fbgemm's TBE for every row-wise format, rows
-   of at most 64 bytes padded to a power of two so that none straddles a cache line;
-   "codebook-bag" for PQ / codebooks; the "fp32" artifact is the same fp32 tables in the TBE;
-   the "int4/compact" row is the int4 artifact loaded with kernel="compact" -- ATen's
-   quantized::embedding_bag_4bit_rowwise_offsets ("aten-nbit") reading the memory-mapped
-   rows, the least memory -- and "int4/tbe" with kernel="tbe", the TBE at fbgemm's default
-   16-byte row alignment; --no-kernel-rows drops those two): predictions per second and
-   p50 / p99 latency at batch 1, 64 and 512, for the embedding lookups alone and for the whole
-   prediction, and the resident memory each model adds (RSS delta after loading it and one
-   warm-up pass). Models are loaded one after the other, then timed in interleaved rounds, so
-   that load from other processes on a shared machine falls on all of them alike.
+   one artifact per format, written by embq (`embq.embedding.encode.encode_tables` +
+   `embq.artifact.writer.write_model_artifact`, what `embq quantize` runs).
+2. Measure, in this one process, every model through the SAME input path, the one a TorchRec
+   user has: a dense float32 tensor and a KeyedJaggedTensor of the ids (built once per batch).
+   - "fp32-torchrec": TorchRec's float `EmbeddingBagCollection` inside TorchRec's DLRM (what a
+     user serves without embq); lookups = `ebc(kjt)`.
+   - "torchrec-int4": TorchRec's quant `EmbeddingBagCollection` (fbgemm's TBE at TorchRec's
+     defaults, what `quantize_inference_model` deploys) holding the int4 artifact's bytes
+     (`embq.runtime.quant_ebc.build_torchrec_qebc`) swapped into the same DLRM: what a user would
+     otherwise deploy at 4 bits.
+   - each artifact, loaded by the serving Predictor with the default kernel choice ("auto":
+     fbgemm's TBE for every row-wise format, rows of at most 64 bytes padded to a power of two so
+     that none straddles a cache line; "codebook-bag" for PQ / codebooks; the "fp32" artifact is
+     the same fp32 tables in the TBE), called as `model(dense, kjt)` with embq's input
+     validation on (every id checked against its table); lookups = the same validation, then
+     the pooled lookups (`model.sparse_inputs(kjt, B)` then `model.core.embeddings`);
+   - "int4/compact": the int4 artifact with kernel="compact" (ATen's n-bit op on the
+     memory-mapped rows, the least memory) and "int4/tbe" with kernel="tbe" (the TBE at fbgemm's
+     default 16-byte row alignment); --no-kernel-rows drops them;
+   - "int4 Predictor.predict": the Predictor's own call at batch 512 (its input checks too).
+   Predictions per second and p50 / p99 latency at batch 1, 64 and 512, for the lookups alone
+   and the whole prediction, and the resident memory each model adds (RSS delta after loading it
+   and one warm-up pass). Models are loaded one after the other, then timed in interleaved
+   rounds (rotating who goes first), so that load from other processes on a shared machine falls
+   on all of them alike. Rows/s is the MEDIAN over the rounds of each round's rate; a "vs" ratio
+   is the median over the rounds of the ratio within the round (paired: both measured within the
+   same few seconds); p50 / p99 pool every call. Threads: --threads torch threads for everyone
+   (default 1), wall-clock time.
 3. HTTP: `embq-serve` on the int4 artifact in a subprocess on a free loopback port, several
    client threads (httpx, keep-alive) sending a bounded number of requests for a bounded time,
    then SIGTERM; reports requests per second, p50 / p99 and errors (non-200 or failed calls).
@@ -32,6 +46,7 @@ lookups memory-bound. Prints a table, then one JSON line (the last line).
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -59,7 +74,8 @@ DEFAULT_FORMATS = ["fp32", "int8", "int4", "int4-greedy", "int2", "pq8x8"]
 SAMPLE_ROWS = 16_384  # rows per table that codebook (PQ) formats are fitted on
 GEN_CHUNK = 1 << 17
 FEATURES = [f"cat_{i}" for i in range(N_TABLES)]
-PREDICT_ROW = "int4 Predictor.predict"  # timed besides the bare model: what validation adds
+PREDICT_ROW = "int4 Predictor.predict"  # timed besides the model: what the Predictor adds
+TORCHREC_INT4 = "torchrec-int4"  # TorchRec's quant EBC on the int4 bytes: the 4-bit baseline
 
 
 # --------------------------------------------------------------------------- build (subprocess)
@@ -148,6 +164,9 @@ class Batch:
         lengths = torch.full((N_TABLES * batch,), pooling, dtype=torch.int64)
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
         self.kjt = KeyedJaggedTensor(keys=FEATURES, values=self.values, lengths=lengths)
+        # KJTs compute offsets and per-key lengths lazily and cache them: do it now, so that no
+        # model pays for it inside a timing
+        self.kjt.offsets(), self.kjt.length_per_key(), self.kjt.offset_per_key()
 
 
 # --------------------------------------------------------------------------- measuring
@@ -159,16 +178,18 @@ HUGE_PAGE = 2 << 20
 
 def table_tensors(module: Any) -> list:
     """The tensors holding a model's embedding rows in anonymous memory: TorchRec / torch
-    EmbeddingBag weights and fbgemm TBE weights (memory-mapped artifact rows are file pages and
-    are left out)."""
+    EmbeddingBag weights and fbgemm TBE weights, TorchRec's quant EBC's included (memory-mapped
+    artifact rows are file pages and are left out)."""
     import torch
 
     out = []
     for m in module.modules():
-        if isinstance(m, torch.nn.EmbeddingBag):
-            out.append(m.weight)
-        elif type(m).__name__ == "IntNBitTableBatchedEmbeddingBagsCodegen":
-            out.append(m.weights_host)
+        # TorchRec's quant EBC keeps its TBEs in a plain list, not as submodules
+        for sub in (m, *getattr(m, "_emb_modules", [])):
+            if isinstance(sub, torch.nn.EmbeddingBag):
+                out.append(sub.weight)
+            elif type(sub).__name__ == "IntNBitTableBatchedEmbeddingBagsCodegen":
+                out.append(sub.weights_host)
     return out
 
 
@@ -222,9 +243,17 @@ def time_calls(fn: Callable[[Any], Any], batches: list[Batch], seconds: float, m
     return np.asarray(out)
 
 
-def summarise(lat: np.ndarray, batch: int) -> dict[str, float]:
-    return {"rows_per_s": batch * len(lat) / float(lat.sum()),
+def summarise(rounds: list[np.ndarray], batch: int) -> dict[str, Any]:
+    """Rows/s: each round's rate and their median; p50 / p99 over every call of every round."""
+    rates = [batch * len(lat) / float(lat.sum()) for lat in rounds]
+    lat = np.concatenate(rounds)
+    return {"rows_per_s": float(np.median(rates)), "round_rows_per_s": rates,
             "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3)}  # fmt: skip
+
+
+def paired_ratio(ours: dict[str, Any], base: dict[str, Any]) -> float:
+    """Median over the rounds of ours' rate / base's rate within the same round."""
+    return float(np.median(np.asarray(ours["round_rows_per_s"]) / np.asarray(base["round_rows_per_s"])))
 
 
 def fp32_torchrec_model(fp32_artifact: Path, rows: int):
@@ -255,7 +284,7 @@ class Served:
         self.name, self.kernel, self.table_bytes = name, kernel, table_bytes
         self.lookup, self.predict = lookup, predict
         self.rss_mb = 0.0
-        self.latencies: dict[tuple[str, int], list[float]] = {}
+        self.latencies: dict[tuple[str, int], list[np.ndarray]] = {}  # one array per round
 
 
 def load_models(
@@ -292,20 +321,44 @@ def load_models(
     with torch.inference_mode():
         reference = torch.sigmoid(model(probe.dense, probe.kjt)).reshape(-1).numpy()
     checks: dict[str, Any] = {}
+
+    def served_model(name: str, m: Any, table_bytes: int, before: int) -> None:
+        """An embq inference model called as a user calls it: (dense, kjt), ids checked."""
+        kernel = "+".join(sorted({t["kernel"] for t in m.metadata["tables"]}))
+        add(Served(name, kernel, lambda b: m.core.embeddings(*m.sparse_inputs(b.kjt, b.size)),
+                   lambda b: torch.sigmoid(m(b.dense, b.kjt)), table_bytes), before, m.core)  # fmt: skip
+        with torch.inference_mode():
+            checks[name] = float(np.abs(torch.sigmoid(m(probe.dense, probe.kjt)).numpy() - reference).max())
+
+    if "int4" in args.formats:
+        # TorchRec's own 4-bit deployment: its quant EBC (fbgemm TBE, TorchRec's defaults) on the
+        # same int4 bytes, in a copy of the same DLRM (the float tables are not copied)
+        from embq.artifact.reader import load_artifact
+        from embq.runtime.bags import artifact_tables
+        from embq.runtime.quant_ebc import build_torchrec_qebc
+
+        release_memory()
+        before = rss_bytes()
+        qebc = build_torchrec_qebc(artifact_tables(load_artifact(workdir / "int4.embq", verify=False))).eval()
+        qmodel = copy.deepcopy(model, memo={id(ebc): ebc})
+        qmodel.sparse_arch.embedding_bag_collection = qebc
+        qmodel.eval()
+        add(Served(TORCHREC_INT4, "torchrec-quant-ebc", lambda b: qebc(b.kjt).values(),
+                   lambda b: torch.sigmoid(qmodel(b.dense, b.kjt)), int(sum(
+                       w.numel() * w.element_size() for w in table_tensors(qebc)))), before, qebc)  # fmt: skip
+        with torch.inference_mode():
+            got = torch.sigmoid(qmodel(probe.dense, probe.kjt)).reshape(-1).numpy()
+        checks[TORCHREC_INT4] = float(np.abs(got - reference).max())
     for fmt in args.formats:
         release_memory()
         before = rss_bytes()
         predictor = Predictor(workdir / f"{fmt}.embq")
-        core, meta = predictor.model.core, predictor.metadata()
-        kernel = "+".join(sorted({t["kernel"] for t in meta["tables"]}))
-        add(Served(fmt, kernel, lambda b, core=core: core.embeddings(b.values, b.offsets),
-                   lambda b, core=core: torch.sigmoid(core(b.dense, b.values, b.offsets)),
-                   meta["table_bytes"]), before, core)  # fmt: skip
-        # the serving path, validation included, must agree with fp32 up to quantization error
-        checks[fmt] = float(np.abs(predictor.predict(probe.dense, probe.kjt) - reference).max())
-        if fmt == "int4":  # what the Predictor's input validation adds at b512
-            models.append(Served(PREDICT_ROW, kernel, lambda b, p=predictor: p.predict(b.dense, b.kjt),
-                                 lambda b, p=predictor: p.predict(b.dense, b.kjt), meta["table_bytes"]))  # fmt: skip
+        served_model(fmt, predictor.model, predictor.metadata()["table_bytes"], before)
+        # the serving path, the Predictor's own checks included, agrees with fp32 too
+        checks[f"{fmt} Predictor.predict"] = float(np.abs(predictor.predict(probe.dense, probe.kjt) - reference).max())
+        if fmt == "int4":  # what the Predictor's call adds at b512
+            models.append(Served(PREDICT_ROW, models[-1].kernel, lambda b, p=predictor: p.predict(b.dense, b.kjt),
+                                 lambda b, p=predictor: p.predict(b.dense, b.kjt), models[-1].table_bytes))  # fmt: skip
     if "int4" in args.formats and args.kernel_rows:
         # the same int4 bytes on the other kernel choices: what the default is compared with
         from embq.runtime.load import load_inference_model
@@ -314,15 +367,7 @@ def load_models(
             release_memory()
             before = rss_bytes()
             variant = load_inference_model(workdir / "int4.embq", verify=False, kernel=choice)
-            core, meta = variant.core, variant.metadata
-            kernel = "+".join(sorted({t["kernel"] for t in meta["tables"]}))
-            add(Served(f"int4/{choice}", kernel,
-                       lambda b, core=core: core.embeddings(b.values, b.offsets),
-                       lambda b, core=core: torch.sigmoid(core(b.dense, b.values, b.offsets)),
-                       meta["table_bytes"]), before, core)  # fmt: skip
-            with torch.inference_mode():
-                got = torch.sigmoid(core(probe.dense, probe.values, probe.offsets)).numpy()
-            checks[f"int4/{choice}"] = float(np.abs(got - reference).max())
+            served_model(f"int4/{choice}", variant, variant.metadata["table_bytes"], before)
     return models, checks
 
 
@@ -347,7 +392,7 @@ def time_interleaved(
                     lat = time_calls(
                         fn, batches, seconds=args.seconds / rounds, min_calls=4, max_calls=5_000
                     )
-                    served.latencies.setdefault((stage, batch), []).extend(lat.tolist())
+                    served.latencies.setdefault((stage, batch), []).append(lat)
         print(f"  timed batch {batch}", flush=True)
 
 
@@ -356,7 +401,7 @@ def results_of(models: list[Served]) -> list[dict[str, Any]]:
     for m in models:
         batches = {}
         for (stage, batch), lat in sorted(m.latencies.items(), key=lambda kv: kv[0][1]):
-            batches.setdefault(batch, {})[stage] = summarise(np.asarray(lat), batch)
+            batches.setdefault(batch, {})[stage] = summarise(lat, batch)
         out.append({"format": m.name, "kernel": m.kernel, "table_bytes": m.table_bytes,
                     "rss_mb": m.rss_mb, "batches": batches})  # fmt: skip
     return out
@@ -487,11 +532,12 @@ def print_table(results: list[dict], http: dict, args: argparse.Namespace) -> No
         f"ids {args.ids} over each table, {args.pooling} ids per bag ({N_TABLES * args.pooling} "
         f"lookups per row), huge pages {'on' if args.huge_pages else 'off'}, torch threads {args.threads} (OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), {args.seconds:g}s per measurement in "
-        f"{args.rounds} interleaved rounds; 'vs fp32' is against fp32-torchrec; model = lookups + "
-        "MLPs + interaction + sigmoid; p50/p99 are of the whole model; RSS after loading and one "
-        "warm-up\n"
+        f"{args.rounds} interleaved rounds; every model takes (dense, KeyedJaggedTensor), embq's "
+        "with its id validation on; rows/s = median over the rounds, 'vs fp32' = median of the "
+        "per-round ratios to fp32-torchrec; model = lookups + MLPs + interaction + sigmoid; "
+        "p50/p99 are of the whole model, wall clock; RSS after loading and one warm-up\n"
     )
-    head = (f"{'format':<15}{'kernel':<14}{'table MiB':>10}{'vs fp32':>8}{'RSS MiB':>9}{'batch':>7}"
+    head = (f"{'format':<19}{'kernel':<19}{'table MiB':>10}{'vs fp32':>8}{'RSS MiB':>9}{'batch':>7}"
             f"{'lookup rows/s':>15}{'vs fp32':>8}{'model rows/s':>14}{'vs fp32':>8}{'p50 ms':>9}{'p99 ms':>9}")  # fmt: skip
     print(head)
     print("-" * len(head))
@@ -499,12 +545,12 @@ def print_table(results: list[dict], http: dict, args: argparse.Namespace) -> No
         for k, (batch, m) in enumerate(r["batches"].items()):
             base = fp32["batches"][batch]
             first = k == 0
-            print(f"{r['format'] if first else '':<15}{r['kernel'] if first else '':<14}"
+            print(f"{r['format'] if first else '':<19}{r['kernel'] if first else '':<19}"
                   + (f"{r['table_bytes'] / 2**20:>10,.1f}{r['table_bytes'] / fp32['table_bytes']:>8.3f}"
                      f"{r['rss_mb']:>9,.0f}" if first else " " * 27)
                   + f"{batch:>7}{m['lookup']['rows_per_s']:>15,.0f}"
-                  f"{m['lookup']['rows_per_s'] / base['lookup']['rows_per_s']:>8.2f}"
-                  f"{m['model']['rows_per_s']:>14,.0f}{m['model']['rows_per_s'] / base['model']['rows_per_s']:>8.2f}"
+                  f"{paired_ratio(m['lookup'], base['lookup']):>8.2f}"
+                  f"{m['model']['rows_per_s']:>14,.0f}{paired_ratio(m['model'], base['model']):>8.2f}"
                   f"{m['model']['p50_ms']:>9.3f}{m['model']['p99_ms']:>9.3f}")  # fmt: skip
     if http is None:
         print("\nHTTP load test skipped (--no-http)")
@@ -607,36 +653,49 @@ def main() -> None:
     print_table(results, http, args)
     base, int4 = by["fp32-torchrec"], by["int4"]
 
-    def ratio(name: str, key: str) -> float:
-        """A model's b512 lookup throughput ("lookup") or resident memory ("rss") over fp32's."""
+    def ratio(name: str, key: str, against: str = "fp32-torchrec", batch: int = 512) -> float:
+        """A model's lookup ("lookup") or whole-model ("model") throughput over another's (the
+        median of per-round ratios), or its resident memory over fp32's ("rss")."""
         if key == "rss":
             return by[name]["rss_mb"] / base["rss_mb"]
-        return by[name]["batches"][512][key]["rows_per_s"] / base["batches"][512][key]["rows_per_s"]
+        return paired_ratio(by[name]["batches"][batch][key], by[against]["batches"][batch][key])
 
     print(
-        f"Predictor.predict (int4, input validation included) at batch 512: "
+        f"Predictor.predict (int4, input checks included) at batch 512: "
         f"{predict_call['rows_per_s']:,.0f} rows/s, p99 {predict_call['p99_ms']:.2f} ms "
-        f"(model alone {int4['batches'][512]['model']['rows_per_s']:,.0f} rows/s)"
+        f"(the model called with (dense, kjt), validation on: "
+        f"{int4['batches'][512]['model']['rows_per_s']:,.0f} rows/s)"
     )
+    if TORCHREC_INT4 in by:
+        print(f"int4 (embq, validation on) vs TorchRec's quant EBC on the same bytes at batch 512: "
+              f"lookups {ratio('int4', 'lookup', TORCHREC_INT4):.2f}x, whole model "
+              f"{ratio('int4', 'model', TORCHREC_INT4):.2f}x")  # fmt: skip
     summary = {
         "rows_per_table": args.rows, "tables": N_TABLES, "dim": DIM, "pooling": args.pooling,
         "ids": args.ids, "threads": args.threads, "huge_pages": args.huge_pages,
-        "int4_vs_fp32_lookup_throughput_b512":
-            round(int4["batches"][512]["lookup"]["rows_per_s"] / base["batches"][512]["lookup"]["rows_per_s"], 3),
-        "int4_vs_fp32_model_throughput_b512":
-            round(int4["batches"][512]["model"]["rows_per_s"] / base["batches"][512]["model"]["rows_per_s"], 3),
+        "input_path": "dense tensor + KeyedJaggedTensor for every model; embq validates ids",
+        "timing": f"median over {args.rounds} interleaved rounds (ratios: median of per-round "
+                  "ratios), wall clock",
+        "int4_vs_fp32_lookup_throughput_b512": round(ratio("int4", "lookup"), 3),
+        "int4_vs_fp32_model_throughput_b512": round(ratio("int4", "model"), 3),
+        **({"int4_vs_torchrec_int4_lookup_b512": round(ratio("int4", "lookup", TORCHREC_INT4), 3),
+            "int4_vs_torchrec_int4_model_b512": round(ratio("int4", "model", TORCHREC_INT4), 3),
+            "torchrec_int4_vs_fp32_lookup_b512": round(ratio(TORCHREC_INT4, "lookup"), 3),
+            "torchrec_int4_vs_fp32_model_b512": round(ratio(TORCHREC_INT4, "model"), 3),
+            "torchrec_int4_vs_fp32_rss": round(ratio(TORCHREC_INT4, "rss"), 4)}
+           if TORCHREC_INT4 in by else {}),
         "int4_kernel": int4["kernel"],
         **{f"int4_{choice}_vs_fp32_{what}": round(ratio(f"int4/{choice}", key), 3)
            for choice in ("compact", "tbe") if f"int4/{choice}" in by
            for what, key in (("lookup_throughput_b512", "lookup"), ("rss", "rss"))},
-        # ms per batch of 512 at the measured (mean) rates: lookups, whole model, and the rest (MLPs,
+        # ms per batch of 512 at the median rates: lookups, whole model, and the rest (MLPs,
         # interaction, sigmoid, input handling) = model - lookup
         "b512_ms_per_batch": {name: {
             "lookup": round(512e3 / by[name]["batches"][512]["lookup"]["rows_per_s"], 3),
             "model": round(512e3 / by[name]["batches"][512]["model"]["rows_per_s"], 3),
             "rest": round(512e3 / by[name]["batches"][512]["model"]["rows_per_s"]
                           - 512e3 / by[name]["batches"][512]["lookup"]["rows_per_s"], 3),
-        } for name in ("fp32-torchrec", "int4", "int4/compact", "int4/tbe") if name in by},
+        } for name in ("fp32-torchrec", TORCHREC_INT4, "int4", "int4/compact", "int4/tbe") if name in by},
         "int4_vs_fp32_table_bytes": round(int4["table_bytes"] / base["table_bytes"], 4),
         "int4_vs_fp32_rss": round(int4["rss_mb"] / base["rss_mb"], 4),
         **({"http_requests": http["requests"], "http_errors": http["errors"],
@@ -647,6 +706,8 @@ def main() -> None:
         "formats": {r["format"]: {
             "kernel": r["kernel"], "table_bytes": r["table_bytes"], "rss_mib": round(r["rss_mb"], 1),
             **{f"{stage}_rows_per_s_b{b}": round(r["batches"][b][stage]["rows_per_s"])
+               for b in BATCHES for stage in ("lookup", "model")},
+            **{f"{stage}_vs_fp32_b{b}": round(paired_ratio(r["batches"][b][stage], base["batches"][b][stage]), 3)
                for b in BATCHES for stage in ("lookup", "model")},
             **{f"p99_ms_b{b}": round(r["batches"][b]["model"]["p99_ms"], 3) for b in BATCHES},
         } for r in results},

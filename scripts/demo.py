@@ -1,6 +1,6 @@
 """embq end to end on synthetic Criteo-format data: generate -> prepare -> train -> evaluate ->
 quantize the tables in every format (a quality table) -> write the artifact -> serve it over
-HTTP on loopback and score held-out rows.
+HTTP on loopback and score held-out rows -> write the size / quality report (runs/demo/report/).
 
 Everything lands in runs/demo/ (rebuilt on each run). The last line printed is one JSON object
 with the figures. Run it with `make demo`.
@@ -32,7 +32,7 @@ from embq.data.preprocess import prepare_criteo  # noqa: E402
 from embq.data.synth import write_synthetic  # noqa: E402
 from embq.models.dlrm import save_model  # noqa: E402
 from embq.models.train import TrainSettings, train_dlrm  # noqa: E402
-from embq.report.quality import format_markdown, quality_table  # noqa: E402
+from embq.reports.quality import format_markdown, quality_table  # noqa: E402
 
 QUANT_FORMATS = ["int8", "int4", "int4-greedy", "int4-opt", "cb4-row", "cb4-shared", "pq8x8",
                  "int2", "int2-greedy", "int2-opt"]
@@ -101,10 +101,10 @@ def main() -> None:
     work.mkdir(parents=True)
     started = time.perf_counter()
 
-    print(f"[1/7] generating {args.rows:,} synthetic Criteo-format rows", flush=True)
+    print(f"[1/8] generating {args.rows:,} synthetic Criteo-format rows", flush=True)
     raw = write_synthetic(work / "synth.tsv", rows=args.rows, seed=args.seed)
 
-    print("[2/7] preparing arrays (log counts, contiguous ids of values seen twice)", flush=True)
+    print("[2/8] preparing arrays (log counts, contiguous ids of values seen twice)", flush=True)
     # Frequency mode: values seen at least twice get their own row, the rest share row 0, so
     # every table row is trained (hash mode would leave most rows of big tables untouched).
     summary = prepare_criteo([raw], work / "prepared", mode="frequency", min_frequency=2,
@@ -112,26 +112,32 @@ def main() -> None:
     print(f"      rows read {summary['rows_read']:,}, refused {summary['rows_refused']}, "
           f"click rate {summary['click_rate']:.3f}")
 
-    print("[3/7] training DLRM (1 epoch, CPU)", flush=True)
+    print("[3/8] training DLRM (1 epoch, CPU)", flush=True)
     data = PreparedData(work / "prepared")
     model, config, metrics = train_dlrm(data, TrainSettings(epochs=1, seed=args.seed))
     save_model(model, config, work / "model")
 
-    print("[4/7] held-out evaluation", flush=True)
+    print("[4/8] held-out evaluation", flush=True)
     print(f"      AUC {metrics['auc']:.4f}, log loss {metrics['logloss']:.4f}, NE {metrics['ne']:.4f}")
 
-    print("[5/7] quantizing the embedding tables, one format at a time", flush=True)
+    print("[5/8] quantizing the embedding tables, one format at a time", flush=True)
     rows = quality_table(work / "model", work / "prepared", QUANT_FORMATS,
                          on_row=lambda r: print(f"      {r['format']:<12} {r['size_ratio']:.3f} of fp32, "
                                                 f"log loss {r['logloss_delta_pct']:+.3f}%", flush=True))
     print(format_markdown(rows))
     by_format = {r["format"]: r for r in rows}
 
-    print(f"[6/7] writing the {ARTIFACT_FORMAT} artifact", flush=True)
+    print(f"[6/8] writing the {ARTIFACT_FORMAT} artifact", flush=True)
     embq.save(embq.quantize(model, ARTIFACT_FORMAT), work / "model.embq")
 
-    print("[7/7] serving the artifact on loopback and scoring held-out rows over HTTP", flush=True)
+    print("[7/8] serving the artifact on loopback and scoring held-out rows over HTTP", flush=True)
     served = score_over_http(work / "model.embq", data)
+
+    print("[8/8] writing the size / quality report", flush=True)
+    report_dir = work / "report"
+    embq.report(work / "model", work / "prepared", [work / "model.embq"], output=report_dir,
+                uniform=rows, progress=False)  # fmt: skip
+    print(f"      {report_dir / 'report.html'} (also report.md, report.json)")
 
     result = {
         "dataset": data.name,
@@ -146,6 +152,7 @@ def main() -> None:
         "artifact": str(work / "model.embq"),
         "http_rows_scored": served["rows"],
         "http_max_abs_diff_vs_in_process": served["max_abs_diff"],
+        "report": str(report_dir / "report.html"),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(result))

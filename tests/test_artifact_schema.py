@@ -46,10 +46,16 @@ def manifests(tmp_path_factory):
 
 
 def test_written_manifests_follow_the_schema(manifests):
+    import hashlib
+
     kinds = set()
     for manifest in manifests:
         _validate(manifest)
         kinds.add((manifest["dense"] or {}).get("meta", {}).get("kind"))
+        # the digest as docs/artifact.md defines it, recomputed here independently
+        body = {k: v for k, v in manifest.items() if k != "digest"}
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert manifest["digest"] == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
     assert kinds == {"fp32", "embq-dense-ptq", None}
 
 
@@ -63,6 +69,9 @@ def test_written_manifests_follow_the_schema(manifests):
     lambda m: m["tables"][0].update(sha256="abc"),
     lambda m: m["model"]["pooling"].update(t_c0="MAX"),
     lambda m: m.update(extra=1),
+    lambda m: m.pop("digest"),
+    lambda m: m.update(digest="sha256:" + "A" * 64),
+    lambda m: m.update(digest="md5:0123"),
 ])  # fmt: skip
 def test_schema_rejects_broken_manifests(manifests, edit):
     manifest = copy.deepcopy(manifests[0])

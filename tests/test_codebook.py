@@ -136,6 +136,36 @@ def test_cb4_shared_params_checked() -> None:
         fmt.decode(fmt.encode(x, params), {"codebook": params["codebook"]}, 16)
 
 
+@pytest.mark.parametrize("big", [70000.0, -1e7])
+def test_cb4_shared_refuses_values_fp16_cannot_hold(big: float) -> None:
+    """Like every fp16-qparam format: fit and encode name the row; nothing is spent on it."""
+    fmt = get_format("cb4-shared")
+    x = make("gauss", 200, d=16, seed=8)
+    params = fmt.fit(x)
+    y = x.copy()
+    y[37, 5] = big
+    with pytest.raises(FormatError, match=r"cb4-shared: row 37 .*65504"):
+        fmt.fit(y)
+    with pytest.raises(FormatError, match=r"cb4-shared: row 37 .*65504"):
+        fmt.encode(y, params)
+    y[37, 5] = 65504.0  # the largest fp16 value is fine (its row is coarse, but stored)
+    out = fmt.decode(fmt.encode(y, params), params, 16)
+    assert np.isfinite(out).all()
+
+
+def test_cb4_shared_refuses_a_range_its_fp16_scale_cannot_map() -> None:
+    """A row whose span over the codebook's span overflows the fp16 scale: a FormatError naming
+    it, never inf / NaN rows in the table."""
+    fmt = get_format("cb4-shared")
+    narrow = {"codebook": np.linspace(0, 1e-3, 16).astype(F32),
+              "moments": np.array([5e-4, 3e-4], F32)}  # fmt: skip
+    x = make("gauss", 6, d=16, seed=9)
+    np.testing.assert_allclose(fmt.decode(fmt.encode(x, narrow), narrow, 16), x, atol=0.05)
+    x[4] *= 1e3  # ~100 units wide: a scale of ~1e5 per codebook unit
+    with pytest.raises(FormatError, match=r"cb4-shared: row 4 .*overflows 65504"):
+        fmt.encode(x, narrow)
+
+
 @pytest.mark.parametrize("name", ["pq32x4", "pq16x8"])
 def test_pq_beats_int2_with_fewer_bytes(name: str) -> None:
     x = make("gauss", 3000, seed=8)

@@ -1,5 +1,9 @@
 """The raw Criteo reader against hand-written lines covering every quirk of real files."""
 
+import gzip
+import tracemalloc
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -112,3 +116,106 @@ def test_line_numbers_across_blocks_and_files(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         list(read_criteo(tmp_path / "nope"))
+
+
+# --------------------------------------------------------------------------- binary lines
+
+
+@pytest.mark.parametrize("junk", [
+    b"\xff\xfe\x00\x01",  # not UTF-8: pandas' decoder raised UnicodeDecodeError on it
+    b"\x00",              # NUL
+    b"\r",                # a lone CR: pandas' parser split the line in two and shifted numbers
+    "é".encode(),         # valid UTF-8, still not a Criteo field
+])
+def test_binary_line_is_refused_with_file_and_line(tmp_path, junk):
+    good = row("1")
+    bad = good[:20].encode() + junk + good[20:].encode()
+    p = write(tmp_path, good.encode() + b"\n" + bad + b"\n" + row("0").encode() + b"\n")
+    got, report = read_all(p)
+    assert report.rows_read == 2 and report.rows_refused == 1
+    assert got["labels"].tolist() == [1, 0]
+    assert (report.refusals[0].file, report.refusals[0].line) == (str(p), 2)
+    assert "not printable ASCII" in report.refusals[0].reason
+    with pytest.raises(DataError, match=r"day_0:2: byte 0x"):
+        read_all(p, strict=True)
+
+
+def test_binary_lines_keep_line_numbers_across_blocks(tmp_path):
+    lines = [row(str(i % 2)).encode() for i in range(400)]
+    for i in (3, 150, 399):
+        lines[i] = b"\x8b\x1f garbage \xc3"
+    p = write(tmp_path, b"\n".join(lines) + b"\n")
+    got, report = read_all(p, block_bytes=4096)
+    assert report.rows_read == 397
+    assert [r.line for r in report.refusals] == [4, 151, 400]
+
+
+# --------------------------------------------------------------------------- gzip
+
+
+def gz(tmp_path, data: bytes, name="day_0.gz", members: int = 1) -> Path:
+    """`data` gzip-compressed into `members` concatenated members (as `cat a.gz b.gz` makes)."""
+    cuts = np.linspace(0, len(data), members + 1).astype(int)
+    p = tmp_path / name
+    p.write_bytes(b"".join(gzip.compress(data[a:b]) for a, b in zip(cuts[:-1], cuts[1:])))
+    return p
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_gzip_reads_like_the_plain_file(tmp_path, members):
+    lines = [row(str(i % 2), cats=[f"{(i * 7919 + j) % 2**32:08x}" for j in range(26)]) for i in range(500)]
+    lines[77] = row(label="x")
+    text = ("\r\n".join(lines) + "\r\n").encode()
+    plain = write(tmp_path, text, "day_0")
+    packed = gz(tmp_path, text, members=members)
+    a, ra = read_all(plain, block_bytes=16 << 10)  # several blocks, lines cut between them
+    b, rb = read_all(packed, block_bytes=16 << 10)
+    assert rb.rows_read == ra.rows_read == 499 and rb.rows_refused == 1
+    assert (rb.refusals[0].file, rb.refusals[0].line) == (str(packed), 78)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_gzip_is_recognised_by_its_bytes_not_its_name(tmp_path):
+    p = gz(tmp_path, (row("1") + "\n").encode(), name="day_0")
+    got, _ = read_all(p)
+    assert got["labels"].tolist() == [1]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_gzip_is_a_data_error_naming_the_file(tmp_path, damage):
+    rng = np.random.default_rng(0)  # random hashes: the stream does not compress to nothing
+    lines = [row(cats=[f"{v:08x}" for v in rng.integers(0, 2**32, 26)]) for _ in range(2000)]
+    p = gz(tmp_path, ("\n".join(lines) + "\n").encode())
+    data = bytearray(p.read_bytes())
+    if damage == "truncated":
+        del data[len(data) // 2:]
+    else:
+        data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{p.name}: the gzip stream is truncated or corrupt"):
+        read_all(p, block_bytes=64 << 10)
+
+
+def test_gz_name_on_a_plain_file_is_refused(tmp_path):
+    p = write(tmp_path, row("1") + "\n", name="day_0.gz")
+    with pytest.raises(DataError, match="not gzip-compressed"):
+        read_all(p)
+
+
+def test_gzip_is_read_in_bounded_memory(tmp_path):
+    """Python's allocations stay near one block, far below the decompressed file. Most lines
+    have too many fields (refused before parsing, which keeps the test fast under tracemalloc)."""
+    wide = "\t".join(["0"] * 600)  # 1.2 kB, 600 fields
+    text = ("\n".join([row("1"), *[wide] * 3000, row("0")]) + "\n").encode()  # ~3.6 MB
+    p = gz(tmp_path, text)
+    assert p.stat().st_size < len(text) // 100
+    tracemalloc.start()
+    try:
+        report = ReadReport()
+        labels = [c.labels.tolist() for c in read_criteo(p, report, block_bytes=32 << 10)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert labels == [[1], [0]] and report.rows_refused == 3000
+    assert peak < len(text) // 10, (peak, len(text))

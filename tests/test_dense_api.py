@@ -137,15 +137,42 @@ def test_errors(toy):
         quantize(torch.nn.Linear(2, 2), "rtn", 8, 8, calib=cache)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_pack_roundtrip(bits):
     u = torch.from_numpy(np.random.default_rng(bits).integers(0, 2**bits, 37))
     p = pack_codes(u, bits)
     assert p.dtype == torch.uint8
-    assert p.numel() == (-(-37 * bits // 8) if bits in (1, 2, 4) else 37)
+    assert p.numel() == -(-37 * bits // 8)  # every width at its real size
     assert torch.equal(unpack_codes(p, bits, 37), u)
+    # the bit stream, LSB first: code j is bits j*b .. j*b + b - 1
+    stream = [(int(p[i // 8]) >> (i % 8)) & 1 for i in range(37 * bits)]
+    assert [sum(stream[j * bits + k] << k for k in range(bits)) for j in range(37)] == u.tolist()
     if bits == 4:  # element 0 in the low nibble
         assert int(p[0]) == int(u[0]) | (int(u[1]) << 4)
+    with pytest.raises(ArtifactError):
+        unpack_codes(p[: len(p) // 2], bits, 37)
+
+
+def test_version_1_dense_meta_still_loads(toy):
+    """Version 1 stored 3/5/6/7-bit weight codes one per byte and named no serving kernels."""
+    model, _, cache, held_out = toy
+    q = quantize(model, "rtn", 3, 8, calib=cache)
+    tensors, meta = to_tensors(q)
+    assert meta["version"] == 2
+    old = dict(tensors)
+    for layer in meta["layers"]:
+        key = f"{layer['tower']}.{layer['index']}.weight_codes"
+        spec = layer["weight"]["spec"]
+        codes = unpack_codes(tensors[key], spec["bits"], layer["out"] * layer["in"])
+        old[key] = codes.to(torch.uint8)  # one per byte
+    old_meta = {**meta, "version": 1,
+                "layers": [{k: v for k, v in e.items() if k != "serving"} for e in meta["layers"]]}
+    assert old["top.0.weight_codes"].numel() > tensors["top.0.weight_codes"].numel()
+    back = from_tensors(old, old_meta, model)
+    assert back.info["dense_format_version"] == 1
+    assert torch.equal(logits(back, held_out), logits(q, held_out))
+    with pytest.raises(ArtifactError, match="reads versions 1, 2"):
+        from_tensors(tensors, {**meta, "version": 3})
 
 
 def test_tensors_roundtrip_is_exact(toy, quantized):

@@ -92,7 +92,8 @@ def test_dims_that_do_not_pack(name: str, dim: int) -> None:
             fmt.encode(rows(3, dim) if dim else np.zeros((3, 0), F32), {})
 
 
-@pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "int4-greedy", "int2-opt", "cb4-row"])
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "int4", "int2", "int4-greedy", "int2-opt",
+                                  "cb4-row"])
 def test_bad_values_name_the_row(name: str) -> None:
     fmt = get_format(name)
     for bad in (np.nan, np.inf, -np.inf):
@@ -102,11 +103,30 @@ def test_bad_values_name_the_row(name: str) -> None:
             fmt.encode(x)
 
 
-def test_float64_overflow_is_reported() -> None:
+@pytest.mark.parametrize("name", ["fp32", "int4"])
+def test_float64_overflow_is_reported(name: str) -> None:
     x = np.zeros((4, 8))
     x[2, 0] = 1e300  # finite in float64, inf once converted to float32
     with pytest.raises(FormatError, match="row 2.*overflows float32"):
-        get_format("fp32").encode(x)
+        get_format(name).encode(x)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_minmax_checks_what_fbgemm_does_not(bits: int) -> None:
+    """fbgemm's packer turns a NaN into an ordinary row (it decodes to finite values); embq
+    refuses it, and still gives fbgemm's bytes for values up to +-65504."""
+    op = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf
+    x = rows(6, 16)
+    y = x.copy()
+    y[4, 5] = np.nan
+    silent = op(torch.from_numpy(y), bits)
+    back = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(silent, bits)
+    assert torch.isfinite(back).all()
+    with pytest.raises(FormatError, match="row 4"):
+        get_format(f"int{bits}").encode(y)
+    x[1, 2], x[3, 0] = 65504.0, -65504.0
+    ref = op(torch.from_numpy(x), bits).numpy()
+    np.testing.assert_array_equal(get_format(f"int{bits}").encode(x), ref)
 
 
 @pytest.mark.parametrize("name", ["fp16", "int8", "int4", "int2-greedy", "int4-opt", "cb4-row"])

@@ -3,6 +3,7 @@ and a real uvicorn server on 127.0.0.1 answers and shuts down cleanly on SIGINT 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -62,8 +63,9 @@ def test_predict_answers_probabilities(client, predictor):
 
 
 def test_healthz_and_metadata(client, predictor):
-    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/healthz").json() == {"status": "ok", "digest": predictor.digest}
     meta = client.get("/metadata").json()
+    assert meta["digest"] == predictor.digest and meta["digest"].startswith("sha256:")
     assert meta == predictor.metadata()
     assert meta["inputs"]["sparse"]["feature_names"] == FEATURES
 
@@ -116,6 +118,10 @@ BAD_REQUESTS = {
     "sparse not an object": ({"json": {"rows": [{**row(), "sparse": [1, 2, 3]}]}}, 422, "rows[0].sparse"),
     "body too large (Content-Length)": ({"content": b" " * (64 * 1024 + 1)}, 413, "at most 65536"),
     "bad Content-Length": ({"content": b"{}", "headers": {"content-length": "abc"}}, 400, "Content-Length"),
+    "text/plain body": ({"content": b"{}", "headers": {"content-type": "text/plain"}}, 415,
+                        "must be JSON (Content-Type: application/json), got 'text/plain'"),
+    "form body": ({"data": {"rows": "1"}}, 415, "application/x-www-form-urlencoded"),
+    "multipart body": ({"files": {"f": b"{}"}}, 415, "multipart/form-data"),
 }  # fmt: skip
 
 
@@ -149,6 +155,31 @@ def test_many_errors_are_summarised(client):
 def test_wrong_method_and_path_are_4xx(client):
     assert client.get("/predict").status_code == 405
     assert client.post("/nothing", json={}).status_code == 404
+
+
+def test_json_content_types_are_read(client):
+    body = b'{"rows": [' + json.dumps(row(3)).encode() + b"]}"
+    want = client.post("/predict", content=body).json()  # no Content-Type: read as JSON
+    for kind in ("application/json", "application/json; charset=utf-8", "Application/JSON",
+                 "application/vnd.api+json"):  # fmt: skip
+        r = client.post("/predict", content=body, headers={"content-type": kind})
+        assert r.status_code == 200 and r.json() == want, kind
+
+
+def test_api_docs_are_off_unless_asked_for(predictor):
+    """A production server does not publish its schema: /docs and /openapi.json answer 404
+    unless the app is built with docs=True (embq-serve --docs)."""
+    from fastapi.testclient import TestClient
+
+    from embq_serving.http import create_app
+
+    with TestClient(create_app(predictor)) as c:
+        assert c.get("/docs").status_code == 404 and c.get("/openapi.json").status_code == 404
+        assert c.get("/redoc").status_code == 404
+    with TestClient(create_app(predictor, docs=True)) as c:
+        assert c.get("/docs").status_code == 200
+        schema = c.get("/openapi.json").json()
+        assert "/predict" in schema["paths"]
 
 
 def test_burst_of_malformed_requests_then_a_good_one(client):

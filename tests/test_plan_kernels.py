@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import embq
+from embq.artifact.digest import DIGEST_FIELD, manifest_digest
+from embq.artifact.seal import seal_artifact
 from embq.errors import ArtifactError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,9 +89,13 @@ def test_a_bad_recorded_kernel_is_refused(toy, tmp_path):
     manifest["tables"][0]["kernel_choice"] = "fast"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft202012Validator(SCHEMA).validate(manifest)
+    # sealed as if on purpose: the digest matches, the loader still refuses the value
+    manifest[DIGEST_FIELD] = manifest_digest(manifest)
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="kernel_choice"):
         embq.load(path)
+    with pytest.raises(ArtifactError, match="kernel_choice"):
+        seal_artifact(path)
 
 
 def test_resolve_kernels():

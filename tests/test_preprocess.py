@@ -1,5 +1,6 @@
 """Preprocessing against an independent line-by-line reference written in plain Python."""
 
+import gzip
 import json
 import math
 from collections import Counter
@@ -111,3 +112,35 @@ def test_output_loads_in_torchrecs_criteo_pipe(raw_file, tmp_path):
     np.testing.assert_array_equal(batch.dense_features.numpy(), data.dense[:64])
     np.testing.assert_array_equal(batch.sparse_features["cat_0"].values().numpy(), data.sparse[:64, 0])
     np.testing.assert_array_equal(batch.labels.numpy().reshape(-1), data.labels[:64, 0])
+
+
+def test_cli_refuses_binary_lines_and_reads_gzip(raw_file, tmp_path, capsys):
+    """`embq data prepare` on Terabyte-style `day_N.gz` input holding a binary line: the line is
+    refused and reported, the rows equal those prepared from the plain file."""
+    from embq.cli import main
+
+    lines = raw_file.read_bytes().split(b"\n")
+    lines.insert(100, b"1\t\xff\xd8\xff\xe0 JFIF \x00\x01")
+    dirty = b"\n".join(lines)
+    day = tmp_path / "day_0.gz"
+    day.write_bytes(gzip.compress(dirty))
+    common = ["--table-size", "997", "--quiet"]
+    assert main(["data", "prepare", "--input", str(day), "--output", str(tmp_path / "gz"), *common]) == 0
+    assert main(["data", "prepare", "--input", str(raw_file), "--output", str(tmp_path / "plain"),
+                 *common]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "gz" / "summary.json").read_text())
+    assert summary["rows_refused"] == 1
+    assert summary["refused_examples"] == [f"{day}:101: byte 0xff is not printable ASCII (binary data?)"]
+    got, want = PreparedData(tmp_path / "gz"), PreparedData(tmp_path / "plain")
+    assert got.rows == want.rows == 3000
+    for k in ("dense", "sparse", "labels"):
+        np.testing.assert_array_equal(getattr(got, k), getattr(want, k))
+    capsys.readouterr()
+
+    assert main(["data", "prepare", "--input", str(day), "--output", str(tmp_path / "s"), "--strict",
+                 *common]) == 2  # fmt: skip
+    assert f"{day}:101: byte 0xff" in capsys.readouterr().err
+    day.write_bytes(day.read_bytes()[: day.stat().st_size // 2])  # an interrupted download
+    assert main(["data", "prepare", "--input", str(day), "--output", str(tmp_path / "t"), *common]) == 2
+    assert "day_0.gz: the gzip stream is truncated or corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists() and not (tmp_path / "t.partial").exists()

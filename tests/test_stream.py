@@ -248,6 +248,78 @@ def test_nan_names_global_row(tmp_path, bad_row):
     assert not (tmp_path / "o.embq").exists()
 
 
+def _bad_table(tmp_path: Path, bad_row: int, value: float = np.nan) -> Path:
+    table = _table()
+    table[bad_row, 3] = value
+    np.save(tmp_path / "n.npy", table)
+    return tmp_path / "n.npy"
+
+
+# NaN stops the run while it samples the table; a value beyond fp16 passes the sample and stops
+# it in the chunk loop
+@pytest.mark.parametrize("bad_row, value, said", [(0, np.nan, "row 0 "), (777, 7e4, "700..799.*row 77 ")])
+def test_failure_before_any_durable_row_leaves_nothing(tmp_path, bad_row, value, said):
+    """No empty `.o.embq.partial` is left behind."""
+    out = tmp_path / "o.embq"
+    with pytest.raises(FormatError, match=said) as e:
+        quantize_table(_bad_table(tmp_path, bad_row, value), "int4", out, chunk_rows=100,
+                       progress=False, checkpoint_seconds=3600)  # fmt: skip
+    assert "resume" not in str(e.value)
+    assert not out.exists() and not staging_path(out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.npy"]
+
+
+def test_cli_failure_leaves_no_partial_directory(tmp_path, capsys):
+    out = tmp_path / "o.embq"
+    args = ["quantize-table", "--input", str(_bad_table(tmp_path, 5)), "--format", "int4",
+            "--output", str(out), "--quiet"]  # fmt: skip
+    assert embq_main(args) == 2
+    assert "row 5" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.npy"]
+
+
+def test_failure_after_durable_rows_says_how_to_resume(tmp_path):
+    path = _bad_table(tmp_path, 777, 7e4)
+    out = tmp_path / "o.embq"
+    with pytest.raises(FormatError) as e:
+        quantize_table(path, "int4", out, chunk_rows=100, progress=False, checkpoint_seconds=0)
+    msg = str(e.value)
+    assert "700..799" in msg and "700 of 1,000 rows are saved" in msg and str(staging_path(out)) in msg
+    assert "resumes" in msg and "--no-resume" in msg
+    assert staging_path(out).exists() and not out.exists()
+    # as the message says: a fixed input is a new input, so start over
+    fixed = _table()
+    time.sleep(0.01)
+    np.save(path, fixed)
+    with pytest.raises(EmbqError, match="input"):
+        quantize_table(path, "int4", out, chunk_rows=100, progress=False)
+    quantize_table(path, "int4", out, chunk_rows=100, progress=False, resume=False)
+    np.testing.assert_array_equal(_rows(out), get_format("int4").encode(fixed, {}))
+    assert not staging_path(out).exists()
+
+
+@pytest.mark.parametrize("checkpoint_seconds", [3600, 0])
+def test_interruption_cleans_up_or_notes_the_resume(tmp_path, npy, checkpoint_seconds):
+    """Any exception, not only embq's: removed before the first checkpoint, noted after it."""
+    out = tmp_path / "o.embq"
+    with pytest.raises(_Kill) as e:
+        quantize_table(npy[0], "int4", out, chunk_rows=CHUNK, progress=False,
+                       on_chunk=_kill_after(2)[0], checkpoint_seconds=checkpoint_seconds)  # fmt: skip
+    notes = getattr(e.value, "__notes__", [])
+    if checkpoint_seconds:
+        assert not staging_path(out).exists() and not notes
+    else:
+        assert staging_path(out).exists() and "128 of 1,000 rows are saved" in notes[0]
+
+
+def test_failure_keeps_a_staging_directory_it_did_not_create(tmp_path):
+    out = tmp_path / "o.embq"
+    staging_path(out).mkdir()  # e.g. left by a run killed before its first checkpoint
+    with pytest.raises(FormatError, match="row 0"):
+        quantize_table(_bad_table(tmp_path, 0), "int4", out, progress=False)
+    assert staging_path(out).is_dir()
+
+
 def test_bad_dim_and_format(tmp_path):
     np.save(tmp_path / "odd.npy", np.ones((10, 3), np.float32))
     with pytest.raises(FormatError):

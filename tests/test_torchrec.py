@@ -341,7 +341,7 @@ def test_quantize_trained_dlrm_then_evaluate(trained):
 
 
 def test_quality_table_rows(trained):
-    from embq.report.quality import format_markdown, quality_table
+    from embq.reports.quality import format_markdown, quality_table
 
     model_dir, data_dir = trained
     rows = quality_table(model_dir, data_dir, ["int8", "int2"], batch_size=2048)

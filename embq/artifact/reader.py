@@ -1,7 +1,9 @@
 """Loading artifacts: every path, size, checksum and header checked before anything is used.
 
-Loading checks that every path stays inside the directory, every file has the size and sha256
-the manifest records, and every safetensors header agrees with the manifest.
+Loading checks the manifest's digest (`digest`: nothing in it changed since it was written),
+that every path stays inside the directory, every file has the size and sha256 the manifest
+records, every safetensors header agrees with the manifest, every table's format reads its
+params, and the model section agrees with the tables (`model_check`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embq.artifact.digest import DIGEST_FIELD, check_digest
+from embq.artifact.model_check import check_model_section
 from embq.artifact.safetensors_io import TensorSpan, read_safetensors_header, read_span, sha256_file
 from embq.artifact.schema import (
     ARTIFACT_FORMAT,
@@ -25,6 +29,7 @@ from embq.artifact.schema import (
     check_table_name,
     parse_table_entry,
 )
+from embq.artifact.watch import FileState, FileStates
 from embq.embedding.registry import get_format
 from embq.errors import ArtifactError, EmbqError
 
@@ -60,6 +65,8 @@ def _safe_file(root: Path, rel: Any, what: str) -> Path:
     """Resolve a manifest file path, refusing anything that could leave the artifact directory."""
     if not isinstance(rel, str) or not rel:
         raise ArtifactError(f"{what}: file must be a non-empty relative path, got {rel!r}")
+    if any(ord(c) < 32 or c == "\x7f" for c in rel):
+        raise ArtifactError(f"{what}: file path {rel!r} holds control characters; refusing it")
     parts = rel.split("/")
     if (
         rel.startswith(("/", "\\")) or "\\" in rel or ":" in rel or os.path.isabs(rel)
@@ -79,9 +86,12 @@ def _safe_file(root: Path, rel: Any, what: str) -> Path:
     return full
 
 
-def _check_file(root: Path, rel: Any, size: Any, digest: Any, what: str, verify: bool) -> Path:
-    """Check a manifest file's path, size (bytes) and, when `verify`, its sha256."""
+def _check_file(root: Path, rel: Any, size: Any, digest: Any, what: str, verify: bool,
+                states: dict[Path, FileState | None]) -> Path:  # fmt: skip
+    """Check a manifest file's path, size (bytes) and, when `verify`, its sha256; record its
+    state (`embq.artifact.watch`) before reading it in `states`."""
     path = _safe_file(root, rel, what)
+    states[root / rel] = FileState.of(root / rel)
     actual = path.stat().st_size
     if not isinstance(size, int) or actual != size:
         state = "truncated" if isinstance(size, int) and actual < size else "the wrong size"
@@ -98,12 +108,6 @@ def _check_file(root: Path, rel: Any, size: Any, digest: Any, what: str, verify:
     return path
 
 
-_ENTRY_TYPES: dict[str, type | tuple[type, ...]] = {
-    "name": str, "rows": int, "dim": int, "format": str, "bytes_per_row": int,
-    "feature_names": list, "file": str, "sha256": str, "bytes": int, "params": list,
-}  # fmt: skip
-
-
 
 class Artifact:
     """A loaded artifact directory (returned by `load_artifact`).
@@ -111,8 +115,12 @@ class Artifact:
     Attributes:
         path: the artifact directory.
         manifest: the parsed manifest.json.
-        tables: {name: TableEntry}, in manifest order.
+        tables: {name: TableEntry}, in manifest order (for a DLRM: its config's feature order).
         model: the stored model description, or None.
+        digest: the artifact's identity, "sha256:..." (`embq.artifact.digest`); None only when
+            loaded with check_seal=False and the manifest holds none.
+        file_states: every file's state (`embq.artifact.watch`) taken just before it was
+            checked: `file_states.changes()` names what changed on disk since.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], tables: dict[str, TableEntry],
@@ -120,11 +128,22 @@ class Artifact:
                  dense_path: Path | None) -> None:  # fmt: skip
         self.path = path
         self.manifest = manifest
+        self.digest: str | None = manifest.get(DIGEST_FIELD)
+        # each file's state just before it was checked (`load_artifact` sets it)
+        self.file_states = FileStates({})
         self.tables = tables
         self.model: dict[str, Any] | None = manifest.get("model")
         self._formats = formats
         self._spans = table_spans
         self._dense_path = dense_path
+
+    def files(self) -> list[Path]:
+        """Every file the artifact is made of: the manifest, the table files, dense.safetensors."""
+        out = [self.path / MANIFEST_FILE]
+        out += [self.path / e.file for e in self.tables.values()]
+        if self._dense_path is not None:
+            out.append(self._dense_path)
+        return out
 
     def table_names(self) -> list[str]:
         """Names of the tables, in manifest order."""
@@ -165,7 +184,7 @@ class Artifact:
 
 
 def _check_table(
-    root: Path, entry: TableEntry, verify: bool
+    root: Path, entry: TableEntry, verify: bool, states: dict[Path, FileState | None]
 ) -> tuple[TableFormat, dict[str, TensorSpan]]:
     """Check one table's file against its entry; return its format and tensor spans."""
     what = f"table {entry.name!r}"
@@ -173,7 +192,7 @@ def _check_table(
         check_table_name(entry.name)
     except ArtifactError as e:
         raise ArtifactError(f"{what}: {e}") from e
-    path = _check_file(root, entry.file, entry.bytes, entry.sha256, what, verify)
+    path = _check_file(root, entry.file, entry.bytes, entry.sha256, what, verify, states)
     try:
         fmt = get_format(entry.format)
         bpr = int(fmt.bytes_per_row(entry.dim))
@@ -200,21 +219,36 @@ def _check_table(
             f"{what}: {entry.file} holds tensors {sorted(spans)}, but the manifest lists rows plus "
             f"params {entry.params}"
         )
+    # the format must read these params: decode the first row with them (a table edited to
+    # another format of the same row size, e.g. int4 -> cb4-shared, lacks its codebook)
+    params = {k: read_span(path, spans[k]) for k in entry.params}
+    first = np.fromfile(path, dtype=np.uint8, count=bpr, offset=rows.start).reshape(1, bpr)
+    try:
+        fmt.decode(first, params, entry.dim)
+    except (EmbqError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise ArtifactError(
+            f"{what}: format {entry.format} cannot read this table with params "
+            f"{sorted(params)} ({e}); the manifest or the file was changed, re-create the artifact"
+        ) from None
     return fmt, spans
 
 
-def load_artifact(path: str | os.PathLike, verify: bool = True) -> Artifact:
+def load_artifact(path: str | os.PathLike, verify: bool = True, check_seal: bool = True) -> Artifact:
     """Open an artifact directory, checking it before anything is used.
 
     Args:
         path: the artifact directory (X.embq).
         verify: also check every file's sha256 (reads every byte once, in bounded memory). With
             False only sizes, paths and headers are checked, which is instant at any size.
+        check_seal: check the manifest's digest (`embq.artifact.digest`). Only `embq seal`,
+            which records the digest of an edited manifest, passes False.
 
     Raises:
-        ArtifactError: missing or invalid manifest, unknown format tag or version, a path that is
-            absolute or leaves the directory (also through symlinks), a truncated or modified
-            file, or a safetensors header that disagrees with the manifest.
+        ArtifactError: missing or invalid manifest, unknown format tag or version, a manifest
+            without its digest or changed since it was written, a path that is absolute or
+            leaves the directory (also through symlinks), a truncated or modified file, a
+            safetensors header that disagrees with the manifest, or a model section that
+            disagrees with the tables (`embq.artifact.model_check`).
     """
     root = Path(path).absolute()
     if not root.is_dir():
@@ -226,12 +260,15 @@ def load_artifact(path: str | os.PathLike, verify: bool = True) -> Artifact:
             f"{root} has no {MANIFEST_FILE}: it is not an embq artifact, or an unfinished one"
         )
     manifest_path = _safe_file(root, MANIFEST_FILE, "manifest")
+    states: dict[Path, FileState | None] = {root / MANIFEST_FILE: FileState.of(manifest_path)}
     if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{manifest_path} is over {MAX_MANIFEST_BYTES} bytes; refusing it")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{manifest_path} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise ArtifactError(f"{manifest_path} nests deeper than any manifest; refusing it") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
         tag = manifest.get("format") if isinstance(manifest, dict) else None
         raise ArtifactError(
@@ -247,6 +284,8 @@ def load_artifact(path: str | os.PathLike, verify: bool = True) -> Artifact:
             + f" (this embq reads version {ARTIFACT_VERSION})"
             + ("; upgrade embq" if newer else "")
         )
+    if check_seal:
+        check_digest(manifest, str(root))
     raw_tables = manifest.get("tables", [])
     if not isinstance(raw_tables, list):
         raise ArtifactError(f"{manifest_path}: 'tables' must be a list")
@@ -257,22 +296,28 @@ def load_artifact(path: str | os.PathLike, verify: bool = True) -> Artifact:
         entry = parse_table_entry(i, raw)
         if entry.name in tables:
             raise ArtifactError(f"{manifest_path}: table {entry.name!r} appears twice")
-        formats[entry.name], spans[entry.name] = _check_table(root, entry, verify)
+        formats[entry.name], spans[entry.name] = _check_table(root, entry, verify, states)
         tables[entry.name] = entry
     dense = manifest.get("dense")
     dense_path = None
     if dense is not None:
         if not isinstance(dense, dict):
             raise ArtifactError(f"{manifest_path}: 'dense' must be an object or null")
+        tensors, meta = dense.get("tensors"), dense.get("meta")
+        if not isinstance(tensors, list) or not all(isinstance(t, str) for t in tensors):
+            raise ArtifactError(f"{manifest_path}: dense 'tensors' must be a list of names")
+        if not isinstance(meta, dict) or not isinstance(meta.get("kind", ""), str):
+            raise ArtifactError(f"{manifest_path}: dense 'meta' must be an object (its 'kind' a "
+                                "string)")  # fmt: skip
         dense_path = _check_file(root, dense.get("file"), dense.get("bytes"), dense.get("sha256"),
-                                 "dense tensors", verify)  # fmt: skip
+                                 "dense tensors", verify, states)  # fmt: skip
         names = set(read_safetensors_header(dense_path)[0])
-        if names != set(dense.get("tensors", [])):
+        if names != set(tensors):
             raise ArtifactError(
                 f"{dense_path} holds tensors {sorted(names)}, not those the manifest lists"
             )
-    model = manifest.get("model")
-    if model is not None and not isinstance(model, dict):
-        raise ArtifactError(f"{manifest_path}: 'model' must be an object or null")
-    return Artifact(root, manifest, tables, formats, spans, dense_path)
+    check_model_section(manifest.get("model"), tables, str(root))
+    artifact = Artifact(root, manifest, tables, formats, spans, dense_path)
+    artifact.file_states = FileStates(states, root)
+    return artifact
 

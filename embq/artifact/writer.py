@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embq.artifact.digest import DIGEST_FIELD, manifest_digest
 from embq.artifact.safetensors_io import (
     ST_TO_NUMPY,
     read_safetensors_header,
@@ -48,6 +49,16 @@ if TYPE_CHECKING:
     import torch
 
 
+def refuse_published(directory: Path, what: str) -> None:
+    """ArtifactError if `directory` is a published (or finished) artifact: one holding a
+    manifest. embq never writes into one (readers may have its files memory-mapped)."""
+    if (directory / MANIFEST_FILE).exists():
+        raise ArtifactError(
+            f"{what}: {directory} is a finished artifact (it has a {MANIFEST_FILE}); embq never "
+            "writes into one. Write a new artifact and swap it in."
+        )
+
+
 class TableFileWriter:
     """One table file whose header and params are fixed up front and whose rows are filled later.
 
@@ -65,6 +76,7 @@ class TableFileWriter:
 
     def __init__(self, path: Path, num_rows: int, bytes_per_row: int, rows_offset: int,
                  params: dict[str, np.ndarray]) -> None:  # fmt: skip
+        refuse_published(Path(path).parent.parent, f"writing {Path(path).name}")
         self.path = path
         self.num_rows = num_rows
         self.bytes_per_row = bytes_per_row
@@ -90,6 +102,7 @@ class TableFileWriter:
             layout.append((pname, code, value.shape))
         layout.append((ROWS_TENSOR, "U8", (num_rows, bytes_per_row)))
         header, spans = safetensors_header(layout)
+        refuse_published(path.parent.parent, f"writing {path.name}")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             f.write(header)
@@ -178,12 +191,14 @@ class ArtifactWriter:
             self._owns_staging = True
         else:
             self.staging = Path(staging).absolute()
+            refuse_published(self.staging, "staging an artifact")
             self.staging.mkdir(parents=True, exist_ok=True)
             self._owns_staging = False
         self._tables: dict[str, _PendingTable] = {}
         self._dense: dict[str, Any] | None = None
         self._model: dict[str, Any] | None = None
         self._published = False
+        self.digest: str | None = None  # set by publish
 
     def __enter__(self) -> ArtifactWriter:
         return self
@@ -293,7 +308,8 @@ class ArtifactWriter:
         self._model = dict(model)
 
     def publish(self) -> Path:
-        """Hash every file, write manifest.json, and rename the staging directory to `path`.
+        """Hash every file, write manifest.json with its digest (`embq.artifact.digest`; also
+        `self.digest` afterwards), and rename the staging directory to `path`.
 
         Returns:
             The artifact path.
@@ -316,6 +332,8 @@ class ArtifactWriter:
             dense["bytes"], dense["sha256"] = file.stat().st_size, sha256_file(file)
         manifest = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "tables": tables,
                     "dense": dense, "model": self._model}  # fmt: skip
+        manifest[DIGEST_FIELD] = manifest_digest(manifest)
+        self.digest = manifest[DIGEST_FIELD]
         text = json_text(manifest, "manifest")
         manifest_path = self.staging / MANIFEST_FILE
         with open(manifest_path, "w", encoding="utf-8") as f:
@@ -343,7 +361,7 @@ DENSE_KIND_FP32 = "fp32"  # dense meta "kind" of a model's float towers, stored 
 
 
 def write_model_artifact(
-    output: str | os.PathLike,
+    output: str | os.PathLike | ArtifactWriter,
     tables: list,
     config: Any,
     dense: dict[str, torch.Tensor],
@@ -356,15 +374,20 @@ def write_model_artifact(
 
     The manifest's "model" section is {"type": "dlrm", "config": ..., "pooling": {table: mode}};
     `kernels` ({table: runtime kernel choice}, e.g. a plan's) are recorded per table.
+    `output` is the artifact path, or an open `ArtifactWriter` to fill (the caller publishes).
     Returns the artifact path.
     """
     kernels = kernels or {}
-    with ArtifactWriter(output) as writer:
-        for t in tables:
-            writer.add_table(t.name, t.format, t.codes, t.dim, params=t.params,
-                             feature_names=t.feature_names, stats=t.stats,
-                             kernel_choice=kernels.get(t.name))  # fmt: skip
-        writer.add_dense(dense, meta=dense_meta or {"kind": DENSE_KIND_FP32})
-        writer.set_model({"type": "dlrm", "config": config.to_json(),
-                          "pooling": {t.name: t.pooling for t in tables}})  # fmt: skip
-        return writer.publish()
+    if not isinstance(output, ArtifactWriter):
+        with ArtifactWriter(output) as writer:
+            write_model_artifact(writer, tables, config, dense, dense_meta, kernels)
+            return writer.publish()
+    writer = output
+    for t in tables:
+        writer.add_table(t.name, t.format, t.codes, t.dim, params=t.params,
+                         feature_names=t.feature_names, stats=t.stats,
+                         kernel_choice=kernels.get(t.name))  # fmt: skip
+    writer.add_dense(dense, meta=dense_meta or {"kind": DENSE_KIND_FP32})
+    writer.set_model({"type": "dlrm", "config": config.to_json(),
+                      "pooling": {t.name: t.pooling for t in tables}})  # fmt: skip
+    return writer.path

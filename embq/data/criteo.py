@@ -7,11 +7,15 @@ that the reader accepts:
 - any integer or categorical field may be empty (missing);
 - integers may be negative (I2 holds -1);
 - trailing empty fields may be stripped, leaving fewer than 40 fields: the row is padded back;
-- CRLF line ends, a last line without a newline, an empty file.
+- CRLF line ends, a last line without a newline, an empty file;
+- gzip-compressed files (Terabyte's `day_N.gz`), recognised by their magic bytes and
+  decompressed as a stream, block by block.
 
 Lines that cannot be a row (too many fields, a label other than 0/1, a non-integer count, a
-categorical that is not 1-8 hex digits, an empty line) are refused: counted, reported with file
-and line number, or raised at once with `strict=True`.
+categorical that is not 1-8 hex digits, an empty line, a byte that is not printable ASCII or a
+tab: binary data, a stray carriage return) are refused: counted, reported with file and line
+number, or raised at once with `strict=True`. A truncated or corrupt gzip stream stops the read
+with a DataError naming the file.
 
 Parsing is vectorised: the file is read in blocks of lines, fields are split by pandas' C parser
 and validated column by column with numpy, so memory is bounded by the block, not the file.
@@ -19,8 +23,10 @@ and validated column by column with numpy, so memory is bounded by the block, no
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +48,11 @@ for _i, _c in enumerate(b"0123456789abcdef"):
     _HEX_NIBBLE[_c] = _i
 for _i, _c in enumerate(b"ABCDEF"):
     _HEX_NIBBLE[_c] = 10 + _i
+
+# The bytes a raw line may hold: printable ASCII and tab. Anything else (binary data, NUL, a lone
+# '\r' that pandas would take for a line end) makes the line refused, never parsed.
+_TEXT_BYTES = bytes([9, *range(0x20, 0x7F)])
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass
@@ -92,12 +103,32 @@ class ReadReport:
             self.refusals.append(refusal)
 
 
-def _read_blocks(path: Path, block_bytes: int) -> Iterator[tuple[int, bytes]]:
-    """(number of the first line, block of whole lines) over a file, CRLF turned into LF."""
-    first_line, tail = 1, b""
+def _open_raw(path: Path) -> io.BufferedIOBase:
+    """The file's bytes: decompressed as a stream when it is gzip (by its magic bytes)."""
     with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic == _GZIP_MAGIC:
+        return gzip.open(path, "rb")
+    if path.suffix == ".gz":
+        raise DataError(f"{path} is named .gz but is not gzip-compressed (it starts with "
+                        f"{magic!r}); rename it, or re-download it if it should be gzip.")
+    return open(path, "rb")
+
+
+def _read_blocks(path: Path, block_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """(number of the first line, block of whole lines) over a plain or gzip file, CRLF turned
+    into LF. Memory: about two blocks, whatever the file's size."""
+    first_line, tail = 1, b""
+    with _open_raw(path) as f:
         while True:
-            data = f.read(block_bytes)
+            try:
+                data = f.read(block_bytes)
+            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                raise DataError(
+                    f"{path}: the gzip stream is truncated or corrupt after line {first_line - 1} "
+                    f"({e}); the rows before it were read. "
+                    "Check the file with `gzip -t` and download it again."
+                ) from None
             if not data:
                 break
             data = tail + data
@@ -133,9 +164,15 @@ def _parse_block(text: bytes, first_line: int, path: Path, report: ReadReport,
     lines = text.split(b"\n")[:-1]
     good: list[bytes] = []
     good_numbers: list[int] = []
+    binary = bool(text.translate(None, _TEXT_BYTES).strip(b"\n"))  # one C pass over the block
     for offset, line in enumerate(lines):
         tabs = line.count(b"\t")
-        if not line.strip():
+        odd = line.translate(None, _TEXT_BYTES) if binary else b""
+        if odd:
+            report.refuse(Refusal(str(path), first_line + offset,
+                                  f"byte 0x{odd[0]:02x} is not printable ASCII (binary data?)"),
+                          strict)  # fmt: skip
+        elif not line.strip():
             report.refuse(Refusal(str(path), first_line + offset, "empty line"), strict)
         elif tabs >= N_FIELDS:
             report.refuse(Refusal(str(path), first_line + offset,

@@ -83,9 +83,9 @@ def quantize(
     towers = QuantizedDLRMTowers.from_model(model)
     torch.manual_seed(seed)
     fn = METHODS[method]
-    if method == "brecq":
-        options.setdefault("seed", seed)
     accepted = list(inspect.signature(fn).parameters)[3:]
+    if "seed" in accepted:  # methods with random choices (BRECQ's batches, LAPQ's split)
+        options.setdefault("seed", seed)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ConfigError(

@@ -10,12 +10,19 @@ sha256), written atomically.
 Per layer `<tower>.<i>.`:
     bias                      fp32 [out]
     weight                    fp32 [out, in]             (layers left fp32)
-    weight_codes              uint8, packed   (uniform: codes - qmin; 2/4-bit codes packed
-                                               4 or 2 per byte, element 0 in the low bits)
+    weight_codes              uint8, packed   (uniform: codes - qmin, row-major, as one LSB-first
+                                               bit stream of b-bit codes: 2-bit codes 4 per byte,
+                                               4-bit 2 per byte, element 0 in the low bits; 3-bit
+                                               codes cross byte boundaries; 8-bit one per byte)
     weight_scale, weight_zero_point   fp32 [rows]
     point_codes               uint8, packed              (multipoint: codes + 2^(b-1))
     point_scales fp32 [P], point_channel int32 [P]
     act_scale, act_zero_point fp32 [1]                   (input quantizer)
+
+Meta version 2 (this layout) adds each layer's "serving" entry (`embq.dense.kernels`: the kernel
+the runtime runs it on, the stored and the multiplied bit widths). Version 1 stored 3/5/6/7-bit
+codes one per byte and had no "serving" entries; it is still read (`READ_VERSIONS`), and
+`from_tensors` records the version it read in `towers.info["dense_format_version"]`.
 """
 
 from __future__ import annotations
@@ -36,35 +43,49 @@ from embq.dense.core.fakequant import (
     WeightQuantizer,
 )
 from embq.dense.core.quantizers import QuantSpec
+from embq.dense.kernels import layer_serving
 from embq.dense.methods.multipoint import MultipointLinear
-from embq.embedding.packing import pack_codes_torch, unpack_codes_torch
+from embq.embedding.packing import pack_bitstream, unpack_bitstream
 from embq.errors import ArtifactError, ConfigError
 from embq.files import staged_directory
 
-FORMAT, VERSION = "embq-dense", 1
+FORMAT, VERSION = "embq-dense", 2
+READ_VERSIONS = (1, 2)  # dense meta versions from_tensors reads
 DENSE_KIND_PTQ = "embq-dense-ptq"  # the artifact's dense meta "kind" of towers from embq.dense
 TENSORS_FILE, META_FILE = "dense.safetensors", "dense.json"
 
 
 def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes < 2^bits -> flat uint8; 1/2/4-bit codes packed 8/4/2 per byte, LSB first
-    (`embq.embedding.packing`, the layout of the row formats), other widths one per byte."""
+    """Unsigned codes < 2^bits -> flat uint8: one LSB-first bit stream of b-bit codes
+    (`embq.embedding.packing.pack_bitstream`; for 1/2/4 bits the layout of the row formats),
+    8-bit codes one per byte."""
     flat = u.reshape(-1).to(torch.int64)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise ConfigError(f"codes out of the {bits}-bit range")
-    if bits not in (1, 2, 4):
+    if bits >= 8:
         return flat.to(torch.uint8)
-    return pack_codes_torch(flat.reshape(1, -1), bits).reshape(-1)
+    return torch.from_numpy(pack_bitstream(flat.to(torch.uint8).numpy(), bits))
 
 
-def unpack_codes(p: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: the first `numel` codes, int64."""
+def unpack_codes(p: torch.Tensor, bits: int, numel: int, version: int = VERSION) -> torch.Tensor:
+    """Inverse of `pack_codes`: the first `numel` codes, int64. `version` 1 reads that layout
+    (1/2/4-bit codes in the same bit stream, other widths one per byte). The packed size must be
+    exactly what `pack_codes` writes for `numel` codes of `bits` (a bit width edited in the
+    metadata would otherwise read other codes silently)."""
     p = p.reshape(-1).to(torch.uint8)
-    if bits not in (1, 2, 4):
+    one_per_byte = bits >= 8 or (version == 1 and bits not in (1, 2, 4))
+    expected = numel if one_per_byte else -(-numel * bits // 8)
+    if p.numel() != expected:
+        raise ArtifactError(
+            f"packed {bits}-bit codes of {numel} values take {expected} bytes, but the tensor "
+            f"holds {p.numel()}: the codes and the bit width in the metadata disagree"
+        )
+    if one_per_byte:
         out = p.to(torch.int64)
+    elif p.numel() * 8 < numel * bits:
+        raise ArtifactError(f"packed codes hold {p.numel() * 8 // bits} values, expected {numel}")
     else:
-        out = unpack_codes_torch(p.reshape(1, -1), bits, p.numel() * (8 // bits))
-        out = out.reshape(-1).to(torch.int64)
+        out = torch.from_numpy(unpack_bitstream(p.numpy(), bits, numel)).to(torch.int64)
     if out.numel() < numel:
         raise ArtifactError(f"packed codes hold {out.numel()} values, expected {numel}")
     return out[:numel]
@@ -125,6 +146,8 @@ def to_tensors(towers: QuantizedDLRMTowers) -> tuple[dict[str, torch.Tensor], di
                 }
             else:
                 entry["act"] = None
+            entry["serving"] = layer_serving(entry["weight"], entry["act"], layer.out_features,
+                                             layer.in_features)  # fmt: skip
             layers.append(entry)
     meta = {
         "format": FORMAT,
@@ -154,9 +177,12 @@ def from_tensors(
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ArtifactError(f"Not embq dense-tower metadata (format {found!r}).")
-    if meta.get("version") != VERSION:
+    version = meta.get("version")
+    if version not in READ_VERSIONS:
         raise ArtifactError(
-            f"Unknown embq dense format version {meta.get('version')!r}; this embq reads {VERSION}."
+            f"Unknown embq dense format version {version!r}; this embq reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))} (writes {VERSION}): upgrade embq or re-create "
+            "the artifact."
         )
     from embq.dense.core.windows import SparqSpec
 
@@ -181,7 +207,7 @@ def from_tensors(
                 scale = _need(tensors, key + "weight_scale", (rows,)).float()
                 zp = _need(tensors, key + "weight_zero_point", (rows,)).float()
                 codes = unpack_codes(
-                    _need(tensors, key + "weight_codes"), spec.bits, out_f * in_f
+                    _need(tensors, key + "weight_codes"), spec.bits, out_f * in_f, version
                 ).float()
                 codes = codes.reshape(out_f, in_f) + spec.qmin
                 wq = WeightQuantizer(spec, out_f)
@@ -205,7 +231,7 @@ def from_tensors(
                         f"{key}point_channel points outside the layer's {out_f} channels."
                     )
                 codes = unpack_codes(
-                    _need(tensors, key + "point_codes"), bits, points * in_f
+                    _need(tensors, key + "point_codes"), bits, points * in_f, version
                 ).float()
                 codes = codes.reshape(points, in_f) - 2 ** (bits - 1)
                 w_hat = torch.zeros(out_f, in_f).index_add_(0, channel, scales[:, None] * codes)
@@ -231,7 +257,7 @@ def from_tensors(
     towers = QuantizedDLRMTowers(
         towers_layers["bottom"], towers_layers["top"], int(meta["num_sparse_features"])
     )
-    towers.info = meta.get("info", {})
+    towers.info = {**meta.get("info", {}), "dense_format_version": version}
     if model is not None:
         towers.attach_embeddings(model)
     return towers

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from embq.embedding.formats import TableFormat, as_rows, check_codes
+from embq.embedding.formats import TableFormat, as_rows, check_codes, check_fp16_range
 from embq.embedding.fp16 import FP16_MAX, to_fp16
 from embq.embedding.packing import pack_codes, unpack_codes
 from embq.embedding.parallel import run_chunks
@@ -228,14 +228,20 @@ class SharedCodebookFormat(TableFormat):
         self.check_dim(x.shape[1])
         if x.shape[0] == 0:
             raise FormatError(f"{self.name}: fit needs at least one sample row")
-        cb, mom = shared_codebook(x)
+        # as every fp16-qparam format: a value fp16 cannot hold would otherwise pull levels
+        # of the one shared codebook out to it
+        check_fp16_range(x, self.bits, self.name)
+        cb, mom = shared_codebook(x, name=self.name)
         return {"codebook": cb, "moments": mom}
 
     def encode(self, rows: Any, params: dict[str, np.ndarray] | None = None) -> np.ndarray:
         x = as_rows(rows)
         self.check_dim(x.shape[1])
         cb = self._codebook(params)
-        scale16, off16, codes = shared_encode(x, cb, np.asarray(params["moments"], F32))
+        if x.shape[0]:
+            check_fp16_range(x, self.bits, self.name)
+        moments = np.asarray(params["moments"], F32)
+        scale16, off16, codes = shared_encode(x, cb, moments, name=self.name)
         n = x.shape[0]
         out = np.empty((n, self.bytes_per_row(x.shape[1])), np.uint8)
         out[:, :-4] = pack_codes(codes, 4)
@@ -276,7 +282,7 @@ def _minmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def shared_codebook(
-    x: np.ndarray, k: int = K16, rounds: int = 4, seed: int = 1234
+    x: np.ndarray, k: int = K16, rounds: int = 4, seed: int = 1234, name: str = "cb4-shared"
 ) -> tuple[np.ndarray, np.ndarray]:
     """A k-level codebook shared by all rows of a table: (codebook float32 [k] ascending,
     moments float32 [2] = mean and std of the sample's values in codebook units).
@@ -303,7 +309,7 @@ def shared_codebook(
         cb = np.sort(km.centroids.reshape(-1)).astype(np.float64)
         mom = np.array([zc.mean(), max(float(zc.std()), 1e-12)])
         for r in range(rounds + 1):
-            s16, o16, q = shared_encode(x, cb.astype(F32), mom.astype(F32))
+            s16, o16, q = shared_encode(x, cb.astype(F32), mom.astype(F32), name=name)
             sc = s16.astype(np.float64)[:, None]
             t = (x64 - o16.astype(np.float64)[:, None]) / sc  # each value in codebook units
             err = float((((t - cb[q]) * sc) ** 2).sum())
@@ -327,7 +333,7 @@ def _codes_shared(z: np.ndarray, cb: np.ndarray) -> np.ndarray:
 
 
 def shared_encode(
-    x: np.ndarray, cb: np.ndarray, moments: np.ndarray, rounds: int = 3
+    x: np.ndarray, cb: np.ndarray, moments: np.ndarray, rounds: int = 3, name: str = "cb4-shared"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes of rows x float32 [n, d] into the shared codebook cb float32 [k] with per-row fp16
     (scale, offset), x_hat = offset + scale * cb[code].
@@ -336,6 +342,8 @@ def shared_encode(
     rows that fill their range) and mean/std onto `moments` (the table's mean and std in
     codebook units; fits heavy-tailed rows); each is refined by `rounds` of least squares
     (scale, offset given the codes, then the nearest codes), in fp16; the better one is kept.
+    A candidate whose scale or offset overflows fp16 is never kept; a row with no other
+    candidate raises FormatError naming it (`name` is the format's, for the message).
 
     Returns (scale16 float16 [n], offset16 float16 [n], codes uint8 [n, d]).
     """
@@ -355,13 +363,15 @@ def shared_encode(
     best = (np.full(n, np.inf), np.ones(n, np.float16), np.zeros(n, np.float16), np.zeros((n, d), np.uint8))
     for scale, off in starts:
         for r in range(rounds + 1):
-            s16 = to_fp16(scale.astype(F32))
-            s16 = np.where(s16 > 0, s16, np.float16(1.0))
-            o16 = to_fp16(off.astype(F32))
-            s32, o32 = s16.astype(np.float64), o16.astype(np.float64)
-            q = _codes_shared((x64 - o32[:, None]) / s32[:, None], cb)
-            c = cbd[q]
-            sse = ((x64 - o32[:, None] - s32[:, None] * c) ** 2).sum(axis=1)
+            with np.errstate(over="ignore", invalid="ignore"):
+                s16 = to_fp16(scale.astype(F32))
+                s16 = np.where(s16 > 0, s16, np.float16(1.0))
+                o16 = to_fp16(off.astype(F32))
+                s32, o32 = s16.astype(np.float64), o16.astype(np.float64)
+                q = _codes_shared((x64 - o32[:, None]) / s32[:, None], cb)
+                c = cbd[q]
+                sse = ((x64 - o32[:, None] - s32[:, None] * c) ** 2).sum(axis=1)
+            sse[~(np.isfinite(s32) & np.isfinite(o32))] = np.inf  # NaN / inf never compare better
             better = sse < best[0]
             best = (
                 np.where(better, sse, best[0]),
@@ -376,5 +386,14 @@ def shared_encode(
             cx = ((c - cm[:, None]) * (x64 - mean[:, None])).sum(axis=1)
             ok = (cc > 0) & (cx > 0)
             scale = np.where(ok, cx / np.where(ok, cc, 1.0), s32)
-            off = mean - scale * cm
+            with np.errstate(invalid="ignore"):  # an inf scale: its candidate is never kept
+                off = mean - scale * cm
+    lost = ~np.isfinite(best[0])
+    if lost.any():
+        i = int(np.flatnonzero(lost)[0])
+        raise FormatError(
+            f"{name}: row {i} spans more than fp16 scales can map onto the codebook's "
+            f"{rng_cb:.3g} units (its fp16 scale or offset overflows 65504); rescale the table "
+            "or use int8 / fp32"
+        )
     return best[1], best[2], best[3]

@@ -183,8 +183,8 @@ def encode_tables(
 ) -> list[QuantizedTable]:
     """Encode every table as the plan says (see `resolve_plan`), in table order; `progress`
     shows a bar over the tables (on a terminal)."""
-    from tqdm import tqdm
+    from embq.progress import progress_bar
 
     resolved = resolve_plan(tables, plan)
-    bar = tqdm(tables, desc="tables", unit="table", disable=not progress or len(tables) < 2)
+    bar = progress_bar(tables, enabled=progress and len(tables) > 1, desc="tables", unit="table")
     return [encode_table(t, resolved[t.name], sample_rows=sample_rows, seed=seed) for t in bar]

@@ -26,10 +26,11 @@ from embq.embedding.opt_search import opt_ranges
 from embq.errors import FormatError
 
 
-def as_rows(rows: Any, what: str = "rows") -> np.ndarray:
+def as_rows(rows: Any, what: str = "rows", finite: bool = True) -> np.ndarray:
     """Validate and convert `rows` to a C-contiguous float32 [n, dim] array.
 
-    Raises FormatError for non-2-D or non-float input and for NaN/Inf (naming the row index).
+    Raises FormatError for non-2-D or non-float input and for NaN/Inf (naming the row index);
+    `finite=False` leaves the NaN/Inf check to a caller that makes it while encoding.
     """
     if hasattr(rows, "detach") and hasattr(rows, "cpu"):  # torch tensor, without importing torch
         rows = rows.detach().cpu().numpy()
@@ -43,9 +44,12 @@ def as_rows(rows: Any, what: str = "rows") -> np.ndarray:
         raise FormatError(
             f"{what} must hold real floating-point values (float16/32/64), got dtype {arr.dtype}"
         )
-    with np.errstate(over="ignore"):
-        x = np.ascontiguousarray(arr, dtype=np.float32)
-    if x.size and not np.isfinite(x).all():
+    if arr.dtype == np.float32:  # nothing to convert (and no errstate to pay for)
+        x = np.ascontiguousarray(arr)
+    else:
+        with np.errstate(over="ignore"):
+            x = np.ascontiguousarray(arr, dtype=np.float32)
+    if finite and x.size and not np.isfinite(x).all():
         bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
         hint = " (it overflows float32)" if np.isfinite(arr[bad]).all() else ""
         raise FormatError(f"{what}: row {bad} contains NaN or Inf{hint}; clean the table first")
@@ -174,13 +178,22 @@ class RowwiseFormat(TableFormat):
         return opt_ranges(x, self.bits, self.config.n_bins)
 
     def encode(self, rows: Any, params: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        x = as_rows(rows)
+        minmax = self.search == "minmax"
+        x = as_rows(rows, finite=not minmax)
         self.check_dim(x.shape[1])
         if x.shape[0] == 0:
             return np.zeros((0, self.bytes_per_row(x.shape[1])), np.uint8)
+        if minmax:
+            # One check, fused with fbgemm's packing: every value finite and within +-65504
+            # covers the NaN/Inf and fp16 checks below (a range is then at most 2 * 65504, so
+            # its scale at least 3 levels fits fp16). Those name the row when it fails.
+            out = rowwise.encode_minmax(x, self.bits, limit=FP16_MAX)
+            if out is not None:
+                return out
+            as_rows(rows)
+            check_fp16_range(x, self.bits, self.name)
+            raise FormatError(f"{self.name}: a value is NaN, Inf or beyond +-65504")
         check_fp16_range(x, self.bits, self.name)
-        if self.search == "minmax":
-            return rowwise.encode_minmax(x, self.bits)
         lo, hi = self.ranges(x)
         return rowwise.encode_ranges(x, lo, hi, self.bits)
 

@@ -2,7 +2,8 @@
 
 Element j of a row goes into bits `(j % per_byte) * bits` of byte `j // per_byte`, where
 per_byte = 8 / bits: for 4-bit codes element 0 is the low nibble. The same layout serves the
-row-wise tables, the codebook formats and the dense towers' low-bit weights.
+row-wise tables and the codebook formats; `pack_bitstream` extends it to widths that do not
+divide 8 (the dense towers' 3/5/6/7-bit weights), one bit stream per tensor.
 """
 
 from __future__ import annotations
@@ -46,17 +47,19 @@ def unpack_codes(packed: np.ndarray, bits: int, dim: int) -> np.ndarray:
     return codes.reshape(n, packed.shape[1] * per_byte)[:, :dim]
 
 
+def pack_bitstream(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes < 2^bits (any shape, read flat) as one LSB-first bit stream: code j occupies bits
+    j * bits ... j * bits + bits - 1 of the stream, byte 0 holding its first 8 bits. For bits in
+    (1, 2, 4, 8) this is `pack_codes` of one row; 3, 5, 6 and 7 bits cross byte boundaries."""
+    c = np.asarray(codes).reshape(-1).astype(np.uint8)
+    planes = (c[:, None] >> np.arange(bits, dtype=np.uint8)[None, :]) & np.uint8(1)
+    return np.packbits(planes.reshape(-1), bitorder="little")
 
-def pack_codes_torch(codes, bits: int):
-    """`pack_codes` for a uint8 torch tensor [n, d] (returns a torch tensor): the dense towers'
-    codes go through the same layout."""
-    import torch
 
-    return torch.from_numpy(pack_codes(codes.to(torch.uint8).numpy(), bits))
-
-
-def unpack_codes_torch(packed, bits: int, dim: int):
-    """`unpack_codes` for a uint8 torch tensor (returns a torch tensor)."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(unpack_codes(packed.numpy(), bits, dim)))
+def unpack_bitstream(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of `pack_bitstream`: the first `count` codes, uint8 [count]."""
+    flat = np.unpackbits(np.asarray(packed, dtype=np.uint8).reshape(-1), bitorder="little")
+    if flat.size < count * bits:
+        raise ValueError(f"{flat.size} bits hold fewer than {count} codes of {bits} bits")
+    planes = flat[: count * bits].reshape(count, bits).astype(np.uint16)
+    return (planes << np.arange(bits, dtype=np.uint16)[None, :]).sum(1).astype(np.uint8)

@@ -160,17 +160,51 @@ def row_sse(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndar
     return np.einsum("ij,ij->i", err, err)
 
 
-def encode_minmax(x: np.ndarray, bits: int) -> np.ndarray:
-    """Min/max fused rows uint8 [n, bpr] by fbgemm's own packer (the reference TorchRec uses),
-    falling back to `encode_ranges` (byte-identical, tested) if fbgemm_gpu cannot load."""
-    try:
-        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
-        import torch
+_PACKER: list = []  # [(fbgemm's packer, torch) or None], filled on first use
 
-        op = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf
-    except (ImportError, AttributeError, RuntimeError):
+
+def _fbgemm_packer():
+    """fbgemm's `FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf` and torch, or None where
+    fbgemm_gpu cannot load (looked up once: the lookup costs as much as packing 50 rows)."""
+    if not _PACKER:
+        try:
+            import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+            import torch
+
+            _PACKER.append((torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf, torch))
+        except (ImportError, AttributeError, RuntimeError):
+            _PACKER.append(None)
+    return _PACKER[0]
+
+
+def all_within(v: np.ndarray, limit: float) -> bool:
+    """Whether every value of float32 v is finite and within +-limit (one compiled pass)."""
+    flat = np.ascontiguousarray(v, dtype=F32).reshape(-1)
+    kernels = compiled_kernels()
+    if kernels is None:
+        with np.errstate(invalid="ignore"):
+            return bool(np.all(np.abs(flat) <= limit))
+    return kernels.greedy.count_within(flat, limit) == flat.size
+
+
+def encode_minmax(x: np.ndarray, bits: int, limit: float | None = None) -> np.ndarray | None:
+    """Min/max fused rows uint8 [n, bpr] by fbgemm's own packer (the reference TorchRec uses),
+    falling back to `encode_ranges` if fbgemm_gpu cannot load (the same bytes, tested, except
+    the sign of a zero bias where a row's minimum is a zero of both signs; same decoded rows).
+
+    With `limit`, returns None instead when a value is NaN, infinite or beyond +-limit, which
+    fbgemm's packer does not check (a NaN becomes an ordinary code). The check is one vectorised
+    pass over the rows before fbgemm's op, on this thread: the op is serial, and splitting rows
+    over threads was slower than one call on this project's shared 2-core machine.
+    """
+    x = np.ascontiguousarray(x, dtype=F32)
+    if limit is not None and not all_within(x, limit):
+        return None
+    packer = _fbgemm_packer()
+    if packer is None:
         return encode_ranges(x, *minmax_ranges(x), bits)
-    return op(torch.from_numpy(np.ascontiguousarray(x, dtype=F32)), bits).numpy()
+    op, torch = packer
+    return op(torch.from_numpy(x), bits).numpy()
 
 
 def minmax_ranges(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

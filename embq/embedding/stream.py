@@ -9,7 +9,9 @@ Resuming: the staging directory holds ``.embq-stream/job.json`` (what is being q
 fingerprint, format, sample settings) and one ``rows-LO-HI.json`` per row range recording how many
 rows are safely on disk (the table file is fsynced before the record is updated). A rerun with the
 same arguments continues after the last recorded chunk; with different arguments or a changed
-input it refuses, and ``resume=False`` (``--no-resume``) starts over. Formats that learn table-level
+input it refuses, and ``resume=False`` (``--no-resume``) starts over. A run that fails before any
+row is durable removes the staging directory it made; a later failure keeps it and says so in
+its error. Formats that learn table-level
 params (codebooks) fit them once on a seeded random sample; the params live in the table file, so
 a resumed run encodes with exactly the same ones. The artifact appears at the output path only
 when complete (atomic rename).
@@ -203,6 +205,18 @@ def _fit(job: _Job, fmt: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 # --------------------------------------------------------------------------- the three phases
 
 
+def _discard_unfinished(job: _Job) -> None:
+    """Remove an interrupted run's staging directory (resume=False), if embq made it."""
+    staging = job.staging
+    state = staging / STATE_DIR
+    if staging.exists():
+        ours = (state / JOB_FILE).exists() or (staging / MANIFEST_FILE).exists()
+        if not ours and any(staging.iterdir()):
+            raise ArtifactError(f"{staging} exists but was not made by embq; remove it yourself")
+        DirectoryLock(staging).release()  # refuse to delete a directory another run is writing
+        shutil.rmtree(staging)
+
+
 def _prepare(job: _Job, resume: bool) -> tuple[ArtifactWriter, TableFileWriter, DirectoryLock]:
     """Create or resume the staging directory; fit params once. Runs on one process (rank 0).
 
@@ -213,12 +227,8 @@ def _prepare(job: _Job, resume: bool) -> tuple[ArtifactWriter, TableFileWriter, 
     fmt.check_dim(job.source.dim)
     staging = job.staging
     state = staging / STATE_DIR
-    if staging.exists() and not resume:
-        ours = (state / JOB_FILE).exists() or (staging / MANIFEST_FILE).exists()
-        if not ours and any(staging.iterdir()):
-            raise ArtifactError(f"{staging} exists but was not made by embq; remove it yourself")
-        DirectoryLock(staging).release()  # refuse to delete a directory another run is writing
-        shutil.rmtree(staging)
+    if not resume:
+        _discard_unfinished(job)
     staging.mkdir(parents=True, exist_ok=True)
     lock = DirectoryLock(staging)
     try:
@@ -315,6 +325,37 @@ def _finish(job: _Job, writer: ArtifactWriter) -> Path:
     return writer.publish()
 
 
+def _rows_on_disk(job: _Job) -> int:
+    """Rows that progress records in the staging directory say are durable."""
+    records = (read_json_or_none(p) for p in (job.staging / STATE_DIR).glob("rows-*.json"))
+    return sum(int(r.get("rows_done", 0)) for r in records if isinstance(r, dict))
+
+
+def _after_failure(job: _Job, created: bool, prepared: bool, error: BaseException) -> BaseException:
+    """What a failed run leaves: with no durable row, nothing (the staging directory is removed
+    if this run created it); with durable rows, the staging directory and, if the run got as far
+    as writing rows, an error that says how to resume or start over. Returns the exception to
+    raise."""
+    staging = job.staging
+    if not staging.exists() or not (staging / STATE_DIR).exists() and (staging / MANIFEST_FILE).exists():
+        return error  # nothing left, or a finished table that failed to publish (its error says)
+    done = _rows_on_disk(job)
+    if done == 0 and created:
+        shutil.rmtree(staging, ignore_errors=True)
+    if done == 0 or not prepared:  # not ours to describe (e.g. another run holds the lock)
+        return error
+    hint = (f"{done:,} of {job.source.rows:,} rows are saved in {staging}: rerunning with the "
+            "same arguments and unchanged input resumes after them; to start over (e.g. after "
+            "fixing the input) pass --no-resume (resume=False) or delete that directory")  # fmt: skip
+    if isinstance(error, EmbqError):
+        try:
+            return type(error)(f"{error}. {hint}")
+        except TypeError:  # a subclass with another signature: keep it, with a note
+            pass
+    error.add_note(hint)
+    return error
+
+
 def _finish_leftover(job: _Job) -> Path | None:
     """A run killed between writing its manifest and its rename left a complete staging
     directory without job state: check it and publish it."""
@@ -407,19 +448,31 @@ def quantize_table(
     Raises:
         FormatError: a zero-row table, a dim the format cannot pack, or NaN/Inf (naming the row).
         ArtifactError: the output exists. EmbqError: resuming a run with other arguments.
+        A run that fails before any row is durable removes the staging directory it created;
+        one that fails later keeps it, and its error says how many rows a rerun resumes after.
     """
     opts = _RunOptions(chunk_rows, progress, checkpoint_seconds, on_chunk)
     job = _make_job(source, format_name, output, tensor, name, feature_names, sample_rows, seed)
     try:
         if resume and (done := _finish_leftover(job)) is not None:
             return done
-        writer, table, lock = _prepare(job, resume)
+        if not resume:
+            _discard_unfinished(job)
+        created, prepared = not job.staging.exists(), False
         try:
-            _encode_range(job, table, 0, job.source.rows, opts)
-            return _finish(job, writer)
-        finally:
-            table.close()
-            lock.release()
+            writer, table, lock = _prepare(job, resume=True)
+            prepared = True
+            try:
+                _encode_range(job, table, 0, job.source.rows, opts)
+                return _finish(job, writer)
+            finally:
+                table.close()
+                lock.release()
+        except BaseException as e:
+            raised = _after_failure(job, created, prepared, e)
+            if raised is e:
+                raise
+            raise raised from e
     finally:
         if job.source is not source:  # opened here: unmap now rather than at garbage collection
             job.source.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from embq.artifact.model_check import DLRM_TABLE_PREFIX
 from embq.errors import ConfigError
 from embq.files import staged_directory
 
@@ -57,7 +58,7 @@ class DLRMConfig:
             raise ConfigError(f"Every table needs at least one row, got {self.num_embeddings}.")
 
     def table_name(self, feature: str) -> str:
-        return f"t_{feature}"
+        return DLRM_TABLE_PREFIX + feature
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -20,7 +20,7 @@ module, `forward(dense float32 [B, n_dense], sparse KeyedJaggedTensor) -> logits
   meta "kind" (`dense_towers`).
 
 Modules, one job each: `kernel_choice` (the choices, row padding and memory per table;
-torch-free), `validate` (id checks), `scripted`, `tbe`, `nbit`, `codebook_bag`, `quant_ebc`
+torch-free), `validate` (the one input check every entry point runs), `scripted`, `tbe`, `nbit`, `codebook_bag`, `quant_ebc`
 (TorchRec's quant EBC), `bags` (every table behind one module), `dlrm` (the model), `dense_towers`,
 `load`, `export` (TorchScript).
 
@@ -35,7 +35,12 @@ torch-free), `validate` (id checks), `scripted`, `tbe`, `nbit`, `codebook_bag`, 
     values:  int64 [N]          ids of every sparse feature, key-major in the model's feature
                                 order (all B bags of feature 0, then feature 1, ...);
                                 exactly a KeyedJaggedTensor's values()
-    offsets: int64 [F * B + 1]  bag boundaries into values (offsets[0] == 0); a KJT's offsets()
+    offsets: int64 [F * B + 1]  bag boundaries into values (offsets[0] == 0, non-decreasing,
+                                offsets[-1] == N); a KJT's offsets()
+
+The module checks its input before any kernel reads it (`validate`): malformed offsets, ids
+outside their tables, or dense values that are not finite raise a torch.jit.Error whose message
+ends with "embq.errors.DataError: ..." naming what is wrong.
 
 The feature order, table sizes and formats are in the file's extra file "embq_metadata.json"
 (`torch.jit.load(path, _extra_files={"embq_metadata.json": ""})`) and in `inference_metadata`.

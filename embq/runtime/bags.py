@@ -28,6 +28,7 @@ from embq.runtime.kernel_choice import (
 )
 from embq.runtime.nbit import RowwiseNBitBagCollection
 from embq.runtime.tbe import CheckedTBE, build_tbe, split_runs
+from embq.runtime.validate import SparseCheck
 
 
 class FeatureGroup(torch.nn.Module):
@@ -36,7 +37,9 @@ class FeatureGroup(torch.nn.Module):
     `features` are indices into the caller's feature order; forward picks those features' bags
     out of the caller's jagged input (fbgemm `permute_2D_sparse_data`; skipped when the kernel
     serves every feature in order, or takes the whole input itself: `whole_input`) and returns
-    the kernel's pooled float32 [B, sum of its dims].
+    the kernel's pooled float32 [B, sum of its dims]. The input must have passed the caller's
+    `SparseCheck` (the permutation trusts the offsets, and the kernel is called without its
+    own check).
     """
 
     def __init__(
@@ -56,16 +59,17 @@ class FeatureGroup(torch.nn.Module):
         )
 
     def forward(
-        self, values: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor
+        self, values: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, batch: int
     ) -> torch.Tensor:
-        """values int64 [N], offsets int64 [F*B+1], lengths int64 [F, B] of the whole input."""
+        """values int64 [N], offsets int64 [F*B+1], lengths int64 [F, B] of the whole input,
+        checked; B = `batch`."""
         if self.identity:
-            return self.kernel(values, offsets)
+            return self.kernel._lookup_checked_input(values, offsets, batch)
         sub_lengths, sub_values, _ = torch.ops.fbgemm.permute_2D_sparse_data(
             self.features, lengths, values, None, None
         )
         sub_offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(sub_lengths.reshape(-1))
-        return self.kernel(sub_values, sub_offsets)
+        return self.kernel._lookup_checked_input(sub_values, sub_offsets, batch)
 
 
 class QuantEmbeddingBags(torch.nn.Module):
@@ -73,7 +77,9 @@ class QuantEmbeddingBags(torch.nn.Module):
 
     forward(values int [N], offsets int [F*B+1]) -> float32 [B, sum of dims]: the input is
     key-major in `feature_names` order (a KeyedJaggedTensor's values() / offsets() with those
-    keys); the output puts the features side by side in the same order.
+    keys), checked once by `check` (`embq.runtime.validate.SparseCheck`, DataError) before any
+    kernel reads it; the output puts the features side by side in the same order.
+    `_lookup_checked_input` is forward without the check, for a caller that ran it (`DLRMCore`).
     """
 
     def __init__(
@@ -82,12 +88,15 @@ class QuantEmbeddingBags(torch.nn.Module):
         feature_names: list[str],
         feature_dims: list[int],
         group_features: list[list[int]],
+        table_names: list[str],
+        feature_rows: list[int],
     ) -> None:
         super().__init__()
         self.groups = torch.nn.ModuleList(groups)
         self.feature_names = list(feature_names)
         self.feature_dims = list(feature_dims)
         self.num_features: int = len(feature_names)
+        self.check = SparseCheck(feature_names, table_names, feature_rows)
         # Groups emit their features' columns group by group; `pieces` puts them back in
         # feature order: (group, first column, width) of each run of features that sit side by
         # side in one group's output and in the model's order, concatenated once. (A column
@@ -111,13 +120,17 @@ class QuantEmbeddingBags(torch.nn.Module):
         self.in_order: bool = len(self.pieces) == 1
 
     def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        values = values.to(torch.int64)
-        offsets = offsets.to(torch.int64)
-        batch = (offsets.shape[0] - 1) // self.num_features
+        values, offsets, batch = self.check(values, offsets)
+        return self._lookup_checked_input(values, offsets, batch)
+
+    def _lookup_checked_input(
+        self, values: torch.Tensor, offsets: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """forward of an input that `check` passed (int64, B = `batch`)."""
         lengths = (offsets[1:] - offsets[:-1]).reshape(self.num_features, batch)
         outs: list[torch.Tensor] = []
         for group in self.groups:
-            outs.append(group(values, offsets, lengths))
+            outs.append(group(values, offsets, lengths, batch))
         if self.in_order:
             return outs[0]
         return torch.cat([outs[g].narrow(1, c, w) for g, c, w in self.pieces], dim=1)
@@ -180,8 +193,10 @@ def build_embedding_bags(
         kernels.append((CodebookBagCollection.from_tables(codebook), codebook, False))
     groups = [FeatureGroup(k, features_of(ts), num_features, whole) for k, ts, whole in kernels]
     return QuantEmbeddingBags(
-        groups, feature_names, feature_dims, [features_of(ts) for _, ts, _ in kernels]
-    )
+        groups, feature_names, feature_dims, [features_of(ts) for _, ts, _ in kernels],
+        [t.name for t in tables for _ in t.feature_names],
+        [t.rows for t in tables for _ in t.feature_names],
+    )  # fmt: skip
 
 
 def artifact_tables(

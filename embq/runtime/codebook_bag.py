@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from embq.errors import FormatError
+from embq.runtime.validate import SparseCheck
 
 _K16 = 16
 
@@ -57,6 +58,7 @@ class CodebookBag(torch.nn.Module):
             {"centroids": float32 [M, 2^bits, dim/M]} for PQ, {} for cb4-row).
         dim: values per row.
         pooling: "SUM" or "MEAN" (the mean of an empty bag is 0, like fbgemm's).
+        name: the table's name (for error messages).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class CodebookBag(torch.nn.Module):
         params: dict[str, Any],
         dim: int,
         pooling: str = "SUM",
+        name: str = "",
     ) -> None:
         super().__init__()
         if pooling not in ("SUM", "MEAN"):
@@ -89,6 +92,7 @@ class CodebookBag(torch.nn.Module):
             # flat [M * 2^bits, dim / M]: sub-quantizer m's code c is row m * 2^bits + c
             codebook = cents.reshape(-1, cents.shape[2]).contiguous()
         self.register_buffer("codes", torch.as_tensor(codes, dtype=torch.uint8))
+        self.check = SparseCheck([name], [name], [self.rows])
         self.register_buffer("codebook", codebook)
         # 2^(max(e, 1) - 25) for every fp16 exponent e, exact (see _fp16)
         pow2 = torch.tensor([2.0 ** (max(e, 1) - 25) for e in range(32)], dtype=torch.float32)
@@ -120,7 +124,7 @@ class CodebookBag(torch.nn.Module):
         """uint8 [n, dim/2] -> int64 codes [n, dim]; element 0 is the low nibble."""
         low = (packed & 15).to(torch.int64)
         high = (packed >> 4).to(torch.int64)
-        return torch.stack([low, high], dim=2).reshape(packed.shape[0], -1)
+        return torch.stack([low, high], dim=2).reshape(packed.shape[0], 2 * packed.shape[1])
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Decode rows `ids` (int [n]) to float32 [n, dim]."""
@@ -167,17 +171,20 @@ class CodebookBag(torch.nn.Module):
         return pooled.reshape(self.m, num_bags, -1).transpose(0, 1).reshape(num_bags, self.dim)
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Pooled embeddings of bags.
+        """Pooled embeddings of bags, the input checked first (`SparseCheck`, DataError).
 
         Args:
             ids: int32/int64 [N] row ids, bag after bag.
-            offsets: int [num_bags + 1]; bag b holds
-                ids[offsets[b] - offsets[0] : offsets[b + 1] - offsets[0]].
+            offsets: int [num_bags + 1]; bag b holds ids[offsets[b] : offsets[b + 1]]
+                (offsets[0] == 0, offsets[-1] == N).
         Returns:
             float32 [num_bags, dim].
         """
-        if ids.numel() > 0 and bool(((ids < 0) | (ids >= self.rows)).any()):
-            raise RuntimeError(f"embedding ids out of range: this table has {self.rows} rows")
+        ids, offsets, _ = self.check(ids, offsets)
+        return self.pool(ids, offsets)
+
+    def pool(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """forward without the check, for a caller that ran it (the collection)."""
         lengths = (offsets[1:] - offsets[:-1]).to(torch.int64)
         num_bags = lengths.shape[0]
         if self.kind == "pq":
@@ -212,6 +219,9 @@ class CodebookBagCollection(torch.nn.Module):
         self.feature_dims = [b.dim for b, n in zip(bags, feature_counts) for _ in range(n)]
         self.num_features: int = len(self.feature_names)
         self._counts = list(feature_counts)
+        table_of = [b.check.table_names[0] for b, n in zip(bags, feature_counts) for _ in range(n)]
+        rows = [b.rows for b, n in zip(bags, feature_counts) for _ in range(n)]
+        self.check = SparseCheck(self.feature_names, table_of, rows)
 
     @classmethod
     def from_tables(cls, tables: list) -> CodebookBagCollection:
@@ -220,7 +230,7 @@ class CodebookBagCollection(torch.nn.Module):
         bags, counts, names = [], [], []
         for t in tables:
             codes = torch.from_numpy(np.ascontiguousarray(t.codes))
-            bags.append(CodebookBag(t.format, codes, t.params, t.dim, t.pooling))
+            bags.append(CodebookBag(t.format, codes, t.params, t.dim, t.pooling, t.name))
             counts.append(len(t.feature_names))
             names.extend(t.feature_names)
         return cls(bags, counts, names)
@@ -230,18 +240,24 @@ class CodebookBagCollection(torch.nn.Module):
 
         Args:
             values: int [N] ids of every feature, key-major in `feature_names` order.
-            offsets: int [F * B + 1] bag offsets into `values` (offsets[0] == 0).
+            offsets: int [F * B + 1] bag offsets into `values`, checked (`SparseCheck`).
         Returns:
             float32 [B, sum of feature_dims], features side by side in `feature_names` order.
         """
-        batch = (offsets.shape[0] - 1) // self.num_features
+        values, offsets, batch = self.check(values, offsets)
+        return self._lookup_checked_input(values, offsets, batch)
+
+    def _lookup_checked_input(
+        self, values: torch.Tensor, offsets: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """forward of an input that `SparseCheck` passed (int64, B = `batch`)."""
         outs: list[torch.Tensor] = []
         first = 0
         for i, bag in enumerate(self.bags):
             count = self._counts[i]
             off = offsets[first * batch : (first + count) * batch + 1]
             ids = values[int(off[0]) : int(off[-1])]
-            pooled = bag(ids, off - off[0])  # [count * B, D], feature-major
+            pooled = bag.pool(ids, off - off[0])  # [count * B, D], feature-major
             outs.append(pooled.reshape(count, batch, -1).transpose(0, 1).reshape(batch, -1))
             first += count
         return torch.cat(outs, dim=1)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from embq.errors import DataError
 from embq.runtime.bags import QuantEmbeddingBags
+from embq.runtime.validate import NO_TABLE, SparseCheck, check_dense
 
 
 class DotInteraction(torch.nn.Module):
@@ -57,12 +57,20 @@ class DLRMCore(torch.nn.Module):
 
     forward(dense float32 [B, n_dense], values int [N], offsets int [F*B+1]) -> logits float32
     [B]; values / offsets are key-major in `feature_names` order (see the module docstring).
-    Computes what TorchRec's DLRM computes: bottom MLP, pooled embeddings [B, F, D], pairwise
+    The input is checked first, here, so that an exported file is safe on its own: the sparse
+    input by the embeddings' `SparseCheck` (offsets inside `values`, ids inside their tables),
+    the dense input by `check_dense` (shape, finite); a refusal is an embq.errors.DataError
+    (under TorchScript a torch.jit.Error carrying "embq.errors.DataError: ..."). Then it
+    computes what TorchRec's DLRM computes: bottom MLP, pooled embeddings [B, F, D], pairwise
     dot interaction, top MLP.
     """
 
     def __init__(
-        self, embeddings: QuantEmbeddingBags, towers: DenseTowers, embedding_dim: int
+        self,
+        embeddings: QuantEmbeddingBags,
+        towers: DenseTowers,
+        embedding_dim: int,
+        dense_in_features: int,
     ) -> None:
         super().__init__()
         self.embeddings = embeddings
@@ -71,20 +79,25 @@ class DLRMCore(torch.nn.Module):
         self.over_arch = towers.over_arch
         self.num_features: int = embeddings.num_features
         self.embedding_dim: int = int(embedding_dim)
+        self.dense_in_features: int = int(dense_in_features)
 
     def forward(
         self, dense: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor
     ) -> torch.Tensor:
+        values, offsets, batch = self.embeddings.check(values, offsets)
+        dense = check_dense(dense, batch, self.dense_in_features)
+        if batch == 0:
+            return torch.zeros(0, dtype=torch.float32)
         embedded_dense = self.dense_arch(dense)
-        pooled = self.embeddings(values, offsets)
+        pooled = self.embeddings._lookup_checked_input(values, offsets, batch)
         sparse = pooled.reshape(-1, self.num_features, self.embedding_dim)
         return self.over_arch(self.inter_arch(embedded_dense, sparse)).reshape(-1)
 
 
 class InferenceDLRM(torch.nn.Module):
     """The eager inference model: forward(dense float32 [B, n_dense], sparse KeyedJaggedTensor)
-    -> logits float32 [B]. Inputs are checked (DataError: wrong shapes, missing features,
-    ids outside a table); the KJT may hold its keys in any order, and extra keys are ignored.
+    -> logits float32 [B]. The KJT may hold its keys in any order, and extra keys are ignored;
+    the inputs are checked by `core` (DataError: shapes, offsets, ids outside a table, NaN).
 
     Attributes:
         core: the `DLRMCore` doing the work (what `export_torchscript` saves).
@@ -107,13 +120,12 @@ class InferenceDLRM(torch.nn.Module):
         self.dense_in_features = int(dense_in_features)
         self.table_rows = list(table_rows)
         self.metadata = metadata
-        self.register_buffer("_rows", torch.tensor(table_rows, dtype=torch.int64), persistent=False)
 
     def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
-        values, offsets = self.sparse_inputs(sparse, batch=self._check_dense(dense))
-        return self.core(dense.to(torch.float32), values, offsets)
+        values, offsets = self.sparse_inputs(sparse, batch=self._batch_of(dense))
+        return self.core(dense, values, offsets)
 
-    def _check_dense(self, dense: torch.Tensor) -> int:
+    def _batch_of(self, dense: torch.Tensor) -> int:
         if (
             not isinstance(dense, torch.Tensor)
             or dense.ndim != 2
@@ -124,32 +136,32 @@ class InferenceDLRM(torch.nn.Module):
         return int(dense.shape[0])
 
     def sparse_inputs(self, sparse, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values int64 [N], offsets int64 [F*B+1]) in `feature_names` order from a KJT,
-        checked."""
+        """(values [N], offsets [F*B+1]) in `feature_names` order from a KJT (checked by the
+        core, not here; a KJT with its keys in another order has its offsets checked before
+        they are used to reorder it)."""
+        if not all(hasattr(sparse, a) for a in ("keys", "values", "offsets", "stride")):
+            raise DataError(f"sparse must be a KeyedJaggedTensor, got {type(sparse).__name__}")
         keys = list(sparse.keys())
         missing = [f for f in self.feature_names if f not in keys]
         if missing:
             raise DataError(
                 f"the sparse input lacks features {missing}; the model needs {self.feature_names}"
             )
-        if keys != self.feature_names:
-            sparse = sparse.permute([keys.index(f) for f in self.feature_names])
         if sparse.variable_stride_per_key() or sparse.stride() != batch:
             raise DataError(
                 f"every sparse feature needs exactly B={batch} bags (one per dense row)"
             )
-        values = sparse.values().to(torch.int64)
-        offsets = sparse.offsets().to(torch.int64)
-        per_key = torch.tensor(sparse.length_per_key(), dtype=torch.int64)
-        limit = torch.repeat_interleave(self._rows, per_key)
-        bad = (values < 0) | (values >= limit)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            feature = self.feature_names[
-                int(np.searchsorted(np.cumsum(sparse.length_per_key()), i, side="right"))
-            ]
-            raise DataError(
-                f"id {int(values[i])} of feature {feature!r} is outside its table's "
-                f"{self.table_rows[self.feature_names.index(feature)]} rows"
-            )
-        return values, offsets
+        values, offsets = sparse.values(), sparse.offsets()
+        if keys == self.feature_names:
+            return values, offsets
+        if len(set(keys)) != len(keys):
+            raise DataError(f"the sparse input repeats a feature: {keys}")
+        # only the offsets' structure here: the ids are checked by the core, in model order
+        structure = SparseCheck(keys, [""] * len(keys), [NO_TABLE] * len(keys))
+        structure.check_offsets(values, offsets)
+        bounds = offsets[0::batch].tolist() if batch > 0 else [0] * (len(keys) + 1)
+        lengths = (offsets[1:] - offsets[:-1]).reshape(len(keys), batch)
+        order = [keys.index(f) for f in self.feature_names]
+        values = torch.cat([values[bounds[k] : bounds[k + 1]] for k in order])
+        counts = lengths[order].reshape(-1).to(torch.int64)
+        return values, torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])

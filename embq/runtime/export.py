@@ -32,10 +32,9 @@ def export_torchscript(
     [F*B+1]) and returns logits float32 [B] (see the module docstring); the tables inside stay
     in their compressed formats. `inference_metadata` is stored as the extra file
     "embq_metadata.json". The file is written to a temporary name and renamed into place.
-    `kernel`: as in `load_inference_model`. Ids outside their table raise a torch.jit.Error
-    (or RuntimeError) before any kernel reads them: "embq.errors.DataError: id ... of feature
-    ..." for row-wise tables (`CheckedTBE` and the "aten-nbit" kernel check them),
-    embq.runtime.codebook_bag's own bounds-check errors for codebook / PQ tables.
+    `kernel`: as in `load_inference_model`. The module checks its input itself before any
+    kernel reads it (`embq.runtime.validate`): malformed offsets, ids outside their table and
+    non-finite dense values raise a torch.jit.Error carrying "embq.errors.DataError: ...".
 
     Returns:
         out_path.

@@ -10,7 +10,7 @@ from typing import Any
 
 from embq.artifact.reader import Artifact, load_artifact
 from embq.artifact.schema import QuantizedTable
-from embq.errors import ArtifactError
+from embq.errors import ArtifactError, EmbqError
 from embq.models.dlrm import DLRMConfig
 from embq.runtime.bags import (
     artifact_tables,
@@ -18,7 +18,7 @@ from embq.runtime.bags import (
     model_pooling,
     recorded_kernels,
 )
-from embq.runtime.dense_towers import load_dense_towers
+from embq.runtime.dense_towers import dense_layer_kernels, load_dense_towers
 from embq.runtime.dlrm import DLRMCore, InferenceDLRM
 from embq.runtime.kernel_choice import (
     check_kernel_choice,
@@ -43,35 +43,17 @@ def model_section(artifact: Artifact, required: bool = True) -> dict[str, Any]:
 
 
 def dlrm_config(artifact: Artifact) -> DLRMConfig:
-    """The artifact's DLRM config, checked against its tables (rows, dim, features).
+    """The artifact's DLRM config (the reader checked it against the tables:
+    `embq.artifact.model_check`).
 
     Raises:
-        ArtifactError: no DLRM in the artifact, an invalid config, or tables that disagree.
+        ArtifactError: no DLRM in the artifact, or a config DLRMConfig refuses.
     """
     model = model_section(artifact)
     try:
-        config = DLRMConfig.from_json(model.get("config"))
+        return DLRMConfig.from_json(model.get("config"))
     except Exception as e:  # ConfigError, or TypeError for a non-dict
         raise ArtifactError(f"{artifact.path}: the manifest's DLRM config is invalid: {e}") from e
-    for feature, rows in zip(config.sparse_feature_names, config.num_embeddings):
-        name = config.table_name(feature)
-        entry = artifact.tables.get(name)
-        if (
-            entry is None
-            or entry.rows != rows
-            or entry.dim != config.embedding_dim
-            or entry.feature_names != [feature]
-        ):
-            raise ArtifactError(
-                f"{artifact.path}: table {name!r} for feature {feature!r} should be "
-                f"[{rows}, {config.embedding_dim}] serving [{feature!r}], the manifest has {entry}"
-            )
-    if len(artifact.tables) != len(config.sparse_feature_names):
-        raise ArtifactError(
-            f"{artifact.path}: holds tables {artifact.table_names()}, the DLRM config has "
-            f"one per feature of {config.sparse_feature_names}"
-        )
-    return config
 
 
 def inference_metadata(
@@ -83,16 +65,21 @@ def inference_metadata(
     `load_inference_model`); it decides each table's "kernel" and "kernel_choice" entries.
 
     Returns:
-        {"model": "dlrm" | None,
+        {"digest": the artifact's digest, "sha256:..." (`embq.artifact.digest`),
+         "model": "dlrm" | None,
          "tables": [{name, format, kernel ("aten-nbit" | "fbgemm-tbe" | "codebook-bag"),
-                     kernel_choice ("auto" | "compact" | "tbe"), rows, dim, bytes (the table file, bytes), bytes_per_row, memory_bytes (what the
+                     kernel_choice ("auto" | "compact" | "tbe"), rows, dim, bytes (the table
+                     file, bytes), bytes_per_row, memory_bytes (what the
                      loaded kernel holds: `table_memory_bytes`), feature_names, pooling,
                      stats}],
          "table_bytes": total bytes of the table files,
          "memory_bytes": total memory_bytes of the tables,
          "fp32_bytes": what the same tables take in fp32 (rows * dim * 4),
          "formats": {format: number of tables},
-         "dense": {"kind", "bytes"} | None,
+         "dense": {"kind", "bytes", "version" (of a PTQ section's layout; None for fp32),
+                   "layers": [{name, kernel ("fbgemm-int8-static" | "dequantized-fp32" |
+                               "fp32"), weight_bits (stored), runtime_weight_bits (multiplied),
+                               act_bits, runtime_bytes}] for PTQ towers, else None} | None,
          "inputs": {"dense": {"shape": [None, n_dense], "dtype": "float32"} | None,
                     "sparse": {"feature_names": [...], "table_rows": {feature: rows},
                                "values": "int64 [N], key-major in feature_names order",
@@ -112,17 +99,17 @@ def inference_metadata(
         for name, e in artifact.tables.items()
     ]  # fmt: skip
     dense = artifact.manifest.get("dense")
-    dense_info = None if dense is None else {
-        "kind": (dense.get("meta") or {}).get("kind"), "bytes": dense.get("bytes")}  # fmt: skip
+    dense_info = None if dense is None else _dense_metadata(dense.get("meta") or {},
+                                                            dense.get("bytes"))  # fmt: skip
     is_dlrm = model.get("type") == "dlrm"
     n_dense = (model.get("config") or {}).get("dense_in_features") if is_dlrm else None
-    return _assemble_metadata(tables, is_dlrm, n_dense, dense_info)
+    return _assemble_metadata(tables, is_dlrm, n_dense, dense_info, artifact.digest)
 
 
 def tables_metadata(config: DLRMConfig, tables: list[QuantizedTable],
                     dense_meta: dict[str, Any], kernel: KernelArg = "auto") -> dict[str, Any]:  # fmt: skip
     """`inference_metadata` of a model quantized in memory (not yet an artifact): "bytes" are
-    the encoded bytes of each table (`stats["bytes"]`), dense "bytes" None."""
+    the encoded bytes of each table (`stats["bytes"]`), dense "bytes" None, "digest" None."""
     choice = resolve_kernels([t.name for t in tables], kernel)
     rows = []
     for t in tables:
@@ -130,7 +117,14 @@ def tables_metadata(config: DLRMConfig, tables: list[QuantizedTable],
         rows.append(_table_metadata(t.name, t.format, t.rows, t.dim, int(t.stats["bytes"]), bpr,
                                     t.feature_names, t.pooling, t.stats, choice[t.name]))  # fmt: skip
     return _assemble_metadata(rows, True, config.dense_in_features,
-                              {"kind": dense_meta.get("kind"), "bytes": None})  # fmt: skip
+                              _dense_metadata(dense_meta, None))  # fmt: skip
+
+
+def _dense_metadata(meta: dict[str, Any], nbytes: int | None) -> dict[str, Any]:
+    """What the loader reads from a dense section: its kind, format version and, for PTQ towers,
+    each layer's kernel and bit widths (`dense_layer_kernels`)."""
+    return {"kind": meta.get("kind"), "bytes": nbytes, "version": meta.get("version"),
+            "layers": dense_layer_kernels(meta)}  # fmt: skip
 
 
 def _table_metadata(name: str, fmt: str, rows: int, dim: int, nbytes: int, bytes_per_row: int,
@@ -153,7 +147,8 @@ def _table_metadata(name: str, fmt: str, rows: int, dim: int, nbytes: int, bytes
 
 
 def _assemble_metadata(tables: list[dict[str, Any]], is_dlrm: bool, n_dense: int | None,
-                       dense_info: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+                       dense_info: dict[str, Any] | None,
+                       digest: str | None = None) -> dict[str, Any]:  # fmt: skip
     features: list[str] = []
     rows_of: dict[str, int] = {}
     for t in tables:
@@ -163,6 +158,7 @@ def _assemble_metadata(tables: list[dict[str, Any]], is_dlrm: bool, n_dense: int
     for t in tables:
         formats[t["format"]] = formats.get(t["format"], 0) + 1
     return {
+        "digest": digest,
         "model": "dlrm" if is_dlrm else None,
         "tables": tables,
         "table_bytes": sum(t["bytes"] for t in tables),
@@ -197,7 +193,7 @@ def build_inference_model(
     kernel = resolve_kernels([t.name for t in tables], kernel)
     embeddings = build_embedding_bags(tables, kernel)
     towers = load_dense_towers(config, dense_tensors, dense_meta)
-    core = DLRMCore(embeddings, towers, config.embedding_dim).eval()
+    core = DLRMCore(embeddings, towers, config.embedding_dim, config.dense_in_features).eval()
     if metadata is None:
         metadata = tables_metadata(config, tables, dense_meta, kernel)
     model = InferenceDLRM(core, config.dense_in_features, list(config.num_embeddings), metadata)
@@ -232,13 +228,28 @@ def load_inference_model(
     artifact = path if isinstance(path, Artifact) else load_artifact(path, verify=verify)
     kernel = resolve_kernels(artifact.table_names(), kernel, recorded_kernels(artifact))
     config = dlrm_config(artifact)
-    tables = {t.name: t for t in artifact_tables(artifact, model_pooling(artifact))}
-    ordered = [tables[config.table_name(f)] for f in config.sparse_feature_names]
     meta = artifact.dense_meta
     if meta is None:
         raise ArtifactError(
             f"{artifact.path} has no dense towers (dense.safetensors); it cannot predict"
         )
-    return build_inference_model(config, ordered, artifact.dense(), meta, kernel,
-                                 inference_metadata(artifact, kernel))  # fmt: skip
+    # the reader checked that the tables follow the config's feature order
+    tables = artifact_tables(artifact, model_pooling(artifact))
+    return built_from(artifact, "the inference model", build_inference_model, config, tables,
+                      artifact.dense(), meta, kernel, inference_metadata(artifact, kernel))  # fmt: skip
+
+
+def built_from(artifact: Artifact, what: str, build: Any, *args: Any) -> Any:
+    """build(*args), with anything but an EmbqError raised as an ArtifactError naming the
+    artifact: every load failure is an EmbqError (e.g. torch's load_state_dict refusing dense
+    tensors of other shapes than the config's layers)."""
+    try:
+        return build(*args)
+    except EmbqError:
+        raise
+    except Exception as e:
+        raise ArtifactError(
+            f"{artifact.path}: cannot build {what} from it ({type(e).__name__}: {e}); its parts "
+            "disagree with each other. Re-create the artifact."
+        ) from e
 

@@ -9,10 +9,10 @@ import torch
 
 from embq.artifact.schema import POOLINGS, QuantizedTable
 from embq.embedding.registry import get_format
-from embq.errors import ArtifactError, ConfigError, DataError
+from embq.errors import ArtifactError, ConfigError
 from embq.runtime.scripted import ScriptedCopy
 from embq.runtime.tbe import PARALLEL_MIN_IDS
-from embq.runtime.validate import id_out_of_range_message
+from embq.runtime.validate import NO_TABLE, SparseCheck, run_checked
 
 
 class _NBitTable(torch.nn.Module):
@@ -69,17 +69,15 @@ class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
     table reads its own features' bags (`first` .. `first + count - 1`) in place, so no
     permutation is needed when it serves only some of the features.
 
-    Ids are checked before any op reads them (the ops' own bounds checks are not part of their
-    contract): an id outside [0, rows) of its table raises embq.errors.DataError naming the
-    feature, id and table (under TorchScript a torch.jit.Error -- a RuntimeError when the tables
-    were spread over threads -- whose message carries "embq.errors.DataError: ..."). The check
-    is one min / max over all ids when they all lie below the smallest table's rows, else one
-    vectorized comparison (small batches) or a min / max per table (large ones, and each
-    thread's own tables when they are spread over threads).
+    The input is checked (`embq.runtime.validate.SparseCheck`: offsets inside `values`, each
+    table's ids in [0, rows)) before any op reads it -- the ops' own bounds checks are not part
+    of their contract -- with embq.errors.DataError naming what is wrong (under TorchScript a
+    torch.jit.Error carrying "embq.errors.DataError: ..."). `_lookup_checked_input` skips the
+    check, for a caller that ran it already.
 
     Threads: with torch.get_num_threads() > 1, a batch of at least `parallel_min_ids` ids spreads
-    the tables over that many tasks (torch.jit.fork, torch's inter-op pool), each checking and
-    looking up its own tables: the lookups are bound by memory latency, so each core adds misses
+    the tables over that many tasks (torch.jit.fork, torch's inter-op pool), each looking up its
+    own tables: the lookups are bound by memory latency, so each core adds misses
     in flight. (OMP_WAIT_POLICY=ACTIVE defeats this: OpenMP threads busy-waiting after an op
     take the cores the tasks need; the default policy and PASSIVE are fine.)
 
@@ -90,9 +88,6 @@ class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
     [B, sum of its tables' count * dim], tables in order, each table's features in order.
     """
 
-    # At most this many ids are range-checked with one per-id comparison (it materializes a
-    # limit per id); more are checked with a min / max per table.
-    VECTOR_CHECK_IDS = 16384
     # Eager calls run the module's TorchScript copy (ScriptedCopy): its per-table overhead is
     # ~2 us against ~5 us for the Python loop, which matters at small batches (26 tables at
     # batch 1: ~50 us vs ~130 us), and its tasks run in parallel.
@@ -103,10 +98,8 @@ class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
             raise ConfigError("a RowwiseNBitBagCollection needs at least one table")
         self.tables = torch.nn.ModuleList(tables)
         self.num_features: int = int(num_features)
-        self.min_rows: int = min(t.rows for t in tables)
         self.out_dim: int = sum(t.count * t.dim for t in tables)
         self.any_mean: bool = any(t.mean for t in tables)
-        self.vector_check_ids: int = self.VECTOR_CHECK_IDS
         self.parallel_min_ids: int = PARALLEL_MIN_IDS
         self.threads: int = 1  # tasks of a scripted forward (see forward)
         # Per table, as lists: TorchScript loops over them with a real loop (a ModuleList loop
@@ -119,21 +112,20 @@ class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
         self.table_means = [t.mean for t in tables]
         self.table_firsts = [t.first for t in tables]
         self.table_counts = [t.count for t in tables]
-        # Per feature of the caller's input: its name ("" for features other kernels serve), the
-        # rows of the table serving it (int64 max for the others) and the position of its
-        # table's first feature.
-        names = [""] * num_features
-        limit = [torch.iinfo(torch.int64).max] * num_features
+        # Per feature of the caller's input: its name and table ("" for features other kernels
+        # serve, whose ids are not checked here) and the rows of that table; and the position of
+        # its table's first feature.
+        names, table_of = [""] * num_features, [""] * num_features
+        limit = [NO_TABLE] * num_features
         table_first = list(range(num_features))
         for t in tables:
             for j in range(t.count):
                 names[t.first + j] = t.feature_names[j]
+                table_of[t.first + j] = t.name
                 limit[t.first + j] = t.rows
                 table_first[t.first + j] = t.first
         self.feature_names = names
-        self.register_buffer(
-            "feature_rows", torch.tensor(limit, dtype=torch.int64), persistent=False
-        )
+        self.check = SparseCheck(names, table_of, limit)
         self.register_buffer(
             "table_first", torch.tensor(table_first, dtype=torch.int64), persistent=False
         )
@@ -165,63 +157,28 @@ class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
             )
         return cls(modules, num_features)
 
-    def _out_of_range(self, values: torch.Tensor, starts: list[int]) -> str:
-        """The error message naming the first id outside its table."""
-        for i in range(len(self.weights)):
-            for j in range(self.table_counts[i]):
-                f = self.table_firsts[i] + j
-                message = id_out_of_range_message(
-                    values[starts[f] : starts[f + 1]],
-                    self.table_rows[i],
-                    self.feature_names[f],
-                    self.table_names[i],
-                )
-                if message:
-                    return message
-        negative = (values < 0).nonzero()  # in a feature another kernel serves
-        if negative.numel() > 0:
-            k = int(negative[0, 0])
-            return f"id {int(values[k])} (position {k} of the ids) is negative"
-        return "an id is outside its table's rows"
+    @torch.jit.export
+    def lookup(self, values: torch.Tensor, offsets: torch.Tensor, threads: int) -> torch.Tensor:
+        """forward, with the tables spread over up to `threads` tasks (see the class docstring)
+        when the batch holds at least `parallel_min_ids` ids."""
+        values, offsets, batch = self.check(values, offsets)
+        return self._lookup(values, offsets, batch, threads)
 
-    def _ids_in_range(
-        self, values: torch.Tensor, bounds: torch.Tensor, starts: list[int]
-    ) -> bool:
-        """Whether every id of this collection's features lies in [0, rows of its table) and no
-        id at all is negative."""
-        n = values.numel()
-        if n == 0:
-            return True
-        low, high = torch.aminmax(values)
-        if int(low) < 0:
-            return False
-        if int(high) < self.min_rows:
-            return True
-        if n <= self.vector_check_ids:
-            limit = torch.repeat_interleave(
-                self.feature_rows, bounds[1:] - bounds[:-1], dim=0, output_size=n
-            )
-            return not bool((values >= limit).any())
-        for i in range(len(self.weights)):
-            start = starts[self.table_firsts[i]]
-            stop = starts[self.table_firsts[i] + self.table_counts[i]]
-            if stop > start and int(values[start:stop].max()) >= self.table_rows[i]:
-                return False
-        return True
+    def _lookup_checked_input(
+        self, values: torch.Tensor, offsets: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """The lookups of an input that `SparseCheck` passed (int64, B = `batch`)."""
+        if not torch.jit.is_scripting():
+            return self._eager_lookup(values, offsets, batch)
+        return self._lookup(values, offsets, batch, self.threads)
+
+    @torch.jit.unused
+    def _eager_lookup(self, values: torch.Tensor, offsets: torch.Tensor, batch: int) -> torch.Tensor:
+        return self.scripted_copy()._lookup(values, offsets, batch, torch.get_num_threads())
 
     @torch.jit.unused
     def _eager_forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """forward, in eager mode: the scripted copy's `lookup` on torch's intra-op thread count,
-        with its refusals as DataError."""
-        try:
-            return self.scripted_copy().lookup(values, offsets, torch.get_num_threads())
-        except (torch.jit.Error, RuntimeError) as e:  # RuntimeError: resumed after a fork
-            if "embq.errors.DataError" not in str(e):
-                raise
-            batch = max((offsets.shape[0] - 1) // self.num_features, 1)
-            raise DataError(
-                self._out_of_range(values, offsets[0::batch].tolist())
-            ) from None
+        return run_checked(self.scripted_copy().lookup, values, offsets, torch.get_num_threads())
 
     def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Pooled lookups (see the class docstring). Eager calls spread the tables over
@@ -257,21 +214,13 @@ class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
         batch: int,
         lo: int,
         hi: int,
-        check: bool,
-    ) -> tuple[list[torch.Tensor], bool]:
-        """(pooled [B, count * dim] of tables lo .. hi - 1 (one op call each), whether all were
-        looked up). `check`: range-check each table's ids (min / max) before its op, and stop
-        at the first table with an id outside it (the caller raises, so that a forked task's
-        refusal surfaces as the same error)."""
+    ) -> list[torch.Tensor]:
+        """pooled [B, count * dim] of tables lo .. hi - 1 (one op call each)."""
         outs: list[torch.Tensor] = []
         for i in range(lo, hi):
             first = self.table_firsts[i]
             count = self.table_counts[i]
             ids = values[starts[first] : starts[first + count]]
-            if check and ids.numel() > 0:
-                low, high = torch.aminmax(ids)
-                if int(low) < 0 or int(high) >= self.table_rows[i]:
-                    return outs, False
             bag_offsets = relative[first * batch : (first + count) * batch]
             if self.table_bits[i] == 4:
                 pooled = torch.ops.quantized.embedding_bag_4bit_rowwise_offsets(
@@ -287,13 +236,12 @@ class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
             if count > 1:  # [count * B, dim], feature-major -> [B, count * dim]
                 pooled = pooled.reshape(count, batch, -1).transpose(0, 1).reshape(batch, -1)
             outs.append(pooled)
-        return outs, True
+        return outs
 
-    @torch.jit.export
-    def lookup(self, values: torch.Tensor, offsets: torch.Tensor, threads: int) -> torch.Tensor:
-        """forward, with the tables spread over up to `threads` tasks (see the class docstring)
-        when the batch holds at least `parallel_min_ids` ids."""
-        batch = (offsets.shape[0] - 1) // self.num_features
+    def _lookup(
+        self, values: torch.Tensor, offsets: torch.Tensor, batch: int, threads: int
+    ) -> torch.Tensor:
+        """The lookups of an input already checked (int64, B = `batch`)."""
         if batch == 0:
             return torch.zeros(0, self.out_dim, dtype=torch.float32)
         values = values.contiguous()  # the ops take contiguous ids only
@@ -302,39 +250,20 @@ class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
         cuts: list[int] = [0, len(self.weights)]
         if threads > 1 and len(self.weights) > 1 and values.numel() >= self.parallel_min_ids:
             cuts = self._cuts(starts, threads)
-        # One task: one check of every id first. Several: each task checks its own tables, one
-        # by one; a min / max over every id would run on torch's intra-op threads, whose
-        # busy-waiting afterwards would take the cores the tasks need.
-        forked = len(cuts) > 2
-        if not forked and not self._ids_in_range(values, bounds, starts):
-            raise DataError(self._out_of_range(values, starts))
         # every bag's offset relative to the first id of its table, for all tables at once
         relative = (
             offsets[:-1].reshape(self.num_features, batch)
             - bounds.index_select(0, self.table_first).unsqueeze(1)
         ).reshape(-1)
         lengths = offsets[1:] - offsets[:-1] if self.any_mean else offsets[:0]
-        futures: list[torch.jit.Future[tuple[list[torch.Tensor], bool]]] = []
+        futures: list[torch.jit.Future[list[torch.Tensor]]] = []
         for k in range(1, len(cuts) - 1):
             futures.append(
                 torch.jit.fork(
-                    self._pool,
-                    values,
-                    relative,
-                    lengths,
-                    starts,
-                    batch,
-                    cuts[k],
-                    cuts[k + 1],
-                    forked,
+                    self._pool, values, relative, lengths, starts, batch, cuts[k], cuts[k + 1]
                 )
             )
-        outs, ok = self._pool(values, relative, lengths, starts, batch, cuts[0], cuts[1], forked)
+        outs = self._pool(values, relative, lengths, starts, batch, cuts[0], cuts[1])
         for future in futures:
-            more, done = torch.jit.wait(future)
-            outs.extend(more)
-            ok = ok and done
-        if not ok:
-            raise DataError(self._out_of_range(values, starts))
+            outs.extend(torch.jit.wait(future))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-

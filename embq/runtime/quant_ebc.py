@@ -14,6 +14,7 @@ import torch
 from embq.artifact.schema import QuantizedTable
 from embq.embedding.registry import get_format
 from embq.errors import FormatError
+from embq.runtime.validate import check_kjt
 
 
 def is_rowwise(format_name: str) -> bool:
@@ -97,6 +98,8 @@ class MixedQuantEmbeddingBagCollection(torch.nn.Module):
         self.codebook = CodebookBagCollection.from_tables(codebook)
         self._configs = configs
         self._codebook_keys = self.codebook.feature_names
+        self._rows = {f: t.rows for t in tables for f in t.feature_names}
+        self._tables = {f: t.name for t in tables for f in t.feature_names}
 
     def embedding_bag_configs(self) -> list:
         """The float model's `EmbeddingBagConfig`s (DLRM's SparseArch reads names and dims)."""
@@ -108,6 +111,9 @@ class MixedQuantEmbeddingBagCollection(torch.nn.Module):
     def forward(self, features):
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
+        # the permutation below and TorchRec's TBE trust the KJT's offsets: check them (and the
+        # ids) first, the one check of embq.runtime.validate
+        check_kjt(features, self._rows, self._tables)
         keys = features.keys()
         out_keys, values, length_per_key = [], [], []
         if self.rowwise is not None:

@@ -9,11 +9,11 @@ import torch
 
 from embq.artifact.schema import QuantizedTable
 from embq.embedding.registry import get_format
-from embq.errors import ConfigError, DataError
+from embq.errors import ConfigError
 from embq.runtime.kernel_choice import TBE_ROW_ALIGNMENT
 from embq.runtime.quant_ebc import tbe_weight_pair
 from embq.runtime.scripted import ScriptedCopy
-from embq.runtime.validate import first_feature_out_of_range, id_out_of_range_message
+from embq.runtime.validate import SparseCheck, run_checked
 
 # Lookup kernels that spread their tables over threads do so for batches of at least this many
 # ids: below it a fork (and waking a pool thread) costs more than it saves (n-bit kernel measured
@@ -29,8 +29,9 @@ def build_tbe(
     forward(indices, offsets) -> float32 [B, sum of dims], features in table order (each
     table's feature_names in order).
 
-    The module does not check ids (BoundsCheckMode.NONE): wrap it in `CheckedTBE`, whose check
-    costs a fraction of fbgemm's FATAL mode (one min / max over the ids in the common case).
+    The module checks neither ids nor offsets (BoundsCheckMode.NONE): wrap it in `CheckedTBE`,
+    whose check (`SparseCheck`) costs a fraction of fbgemm's FATAL mode, which besides lets
+    negative ids through and rewrites a non-zero offsets[0].
     """
     from fbgemm_gpu.split_embedding_configs import SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
@@ -63,21 +64,23 @@ def build_tbe(
 
 
 class CheckedTBE(ScriptedCopy, torch.nn.Module):
-    """TBEs (`build_tbe`) behind a range check of their ids: an id outside [0, rows) of its
-    table raises embq.errors.DataError naming the feature, id and table (under TorchScript a
-    torch.jit.Error carrying "embq.errors.DataError: ...") before any TBE reads anything.
+    """TBEs (`build_tbe`) behind the input check (`embq.runtime.validate.SparseCheck`): offsets
+    that leave `values`, or an id outside [0, rows) of its table, raise
+    embq.errors.DataError naming what is wrong (under TorchScript a torch.jit.Error carrying
+    "embq.errors.DataError: ...") before any TBE reads anything.
 
     `parts`: the tables split into runs of consecutive features, one TBE each (`part_features`:
     how many features each serves). fbgemm's CPU TBE looks its tables up on one thread, so a
     model loaded under several torch threads gets one part per thread, and a batch of at least
     `parallel_min_ids` ids runs the parts as parallel tasks (torch.jit.fork, torch's inter-op
     pool): the lookups are bound by memory latency, so each core adds misses in flight. Eager
-    calls check the ids, then run the module's TorchScript copy (ScriptedCopy) on
-    torch.get_num_threads(); a scripted module uses its attribute `threads` (1 unless set on
-    the loaded module). One part reads the whole input, with no slicing.
+    calls run the module's TorchScript copy (ScriptedCopy) on torch.get_num_threads(); a
+    scripted module uses its attribute `threads` (1 unless set on the loaded module). One part
+    reads the whole input, with no slicing.
 
     forward(values int64 [N], offsets int64 [F * B + 1]) -> float32 [B, sum of dims], the
-    features (`feature_names`, key-major) in order.
+    features (`feature_names`, key-major) in order. `_lookup_checked_input` is the same without the
+    check, for a caller that ran it already (`embq.runtime.bags.QuantEmbeddingBags`).
     """
 
     def __init__(
@@ -90,39 +93,29 @@ class CheckedTBE(ScriptedCopy, torch.nn.Module):
         self.parts = torch.nn.ModuleList(parts)
         self.part_firsts = [int(f) for f in np.concatenate([[0], np.cumsum(part_features)])]
         self.feature_names = list(feature_names)
-        self.table_names = list(table_names)  # the table behind each feature
-        self.feature_rows = [int(r) for r in feature_rows]
-        self.min_rows: int = min(self.feature_rows)
-        self.num_features: int = len(self.feature_rows)
+        self.check = SparseCheck(feature_names, table_names, feature_rows)
+        self.num_features: int = len(feature_rows)
         self.out_dim: int = int(sum(feature_dims))
         self.threads: int = 1  # tasks of a scripted forward (see the class docstring)
         self.parallel_min_ids: int = PARALLEL_MIN_IDS
 
-    def _check(self, values: torch.Tensor, starts: list[int]) -> None:
-        f = first_feature_out_of_range(values, starts, self.feature_rows, self.min_rows)
-        if f >= 0:
-            ids = values[starts[f] : starts[f + 1]]
-            raise DataError(
-                id_out_of_range_message(
-                    ids, self.feature_rows[f], self.feature_names[f], self.table_names[f]
-                )
-            )
-
     @torch.jit.export
-    def lookup(
-        self, values: torch.Tensor, offsets: torch.Tensor, threads: int, check: bool
+    def lookup(self, values: torch.Tensor, offsets: torch.Tensor, threads: int) -> torch.Tensor:
+        """forward, with the parts run as up to `threads` parallel tasks when the batch is large
+        enough."""
+        values, offsets, batch = self.check(values, offsets)
+        return self._lookup(values, offsets, batch, threads)
+
+    def _lookup(
+        self, values: torch.Tensor, offsets: torch.Tensor, batch: int, threads: int
     ) -> torch.Tensor:
-        """forward with the ids range-checked first if `check`, and the parts run as parallel
-        tasks when `threads` > 1 and the batch is large enough."""
-        batch = (offsets.shape[0] - 1) // self.num_features
+        """The lookups of an input already checked (int64, B = `batch`)."""
         if batch == 0:
             return torch.zeros(0, self.out_dim, dtype=torch.float32)
-        starts: list[int] = offsets[0::batch].tolist()
-        if check:
-            self._check(values, starts)
         if len(self.parts) == 1:
             for part in self.parts:
                 return part(values, offsets)
+        starts: list[int] = offsets[0::batch].tolist()
         forked = threads > 1 and values.numel() >= self.parallel_min_ids
         futures: list[torch.jit.Future[torch.Tensor]] = []
         outs: list[torch.Tensor] = []
@@ -150,20 +143,26 @@ class CheckedTBE(ScriptedCopy, torch.nn.Module):
                 out = part(part_values, part_offsets)
         return out
 
+    def _lookup_checked_input(self, values: torch.Tensor, offsets: torch.Tensor, batch: int) -> torch.Tensor:
+        """The lookups of an input that `SparseCheck` passed (int64, B = `batch`)."""
+        if not torch.jit.is_scripting():
+            return self._eager_lookup(values, offsets, batch)
+        return self._lookup(values, offsets, batch, self.threads)
+
+    @torch.jit.unused
+    def _eager_lookup(self, values: torch.Tensor, offsets: torch.Tensor, batch: int) -> torch.Tensor:
+        # the scripted copy's per-call overhead is a third of the TBE's Python forward (~12 us
+        # against ~30 us for 26 tables at batch 1)
+        return self.scripted_copy()._lookup(values, offsets, batch, torch.get_num_threads())
+
     @torch.jit.unused
     def _eager_forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """forward, in eager mode: the ids checked here (DataError), then the scripted copy's
-        lookup on torch's thread count (its per-call overhead is a third of the TBE's Python
-        forward: ~12 us against ~30 us for 26 tables at batch 1)."""
-        batch = (offsets.shape[0] - 1) // self.num_features
-        if batch > 0:
-            self._check(values, offsets[0::batch].tolist())
-        return self.scripted_copy().lookup(values, offsets, torch.get_num_threads(), False)
+        return run_checked(self.scripted_copy().lookup, values, offsets, torch.get_num_threads())
 
     def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             return self._eager_forward(values, offsets)
-        return self.lookup(values, offsets, self.threads, True)
+        return self.lookup(values, offsets, self.threads)
 
 
 def split_runs(sizes: list[int], parts: int) -> list[int]:

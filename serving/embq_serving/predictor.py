@@ -15,9 +15,10 @@ Inputs of one batch of B rows:
              - an int array-like [B, n_features], one id per feature per row, columns in the
                order of `input_spec.feature_names`.
 
-Every id must lie in [0, rows of the feature's table). Bad inputs are refused here, with a
-message naming the feature, row and value, before any kernel sees them: a kernel's own bounds
-check would only say that some index was out of range.
+Every id must lie in [0, rows of the feature's table). Bad inputs are refused with a message
+naming what is wrong (for ids: feature, row, value and table) before any kernel sees them: the
+shapes and types here, the ids by the model's own check (`embq.runtime.validate`), which every
+entry point shares.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import itertools
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,32 +148,6 @@ def _as_ids(values: Any, what: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def check_id_ranges(values: np.ndarray, lengths: np.ndarray, spec: InputSpec) -> None:
-    """Refuse negative or too-large ids.
-
-    Args:
-        values: int64 [sum(lengths)], key-major (all ids of feature 0, then feature 1, ...).
-        lengths: int64 [n_features * B], bag sizes, key-major.
-        spec: the expected inputs (features in KJT order).
-    """
-    n_features = len(spec.feature_names)
-    batch = lengths.size // n_features
-    per_key = lengths.reshape(n_features, batch).sum(axis=1)
-    limit = np.repeat(np.asarray(spec.rows, dtype=np.int64), per_key)
-    bad = np.flatnonzero((values < 0) | (values >= limit))
-    if bad.size == 0:
-        return
-    # Map the first offenders back to (feature, row) for the message.
-    bag_of_value = np.repeat(np.arange(lengths.size), lengths)
-    parts = []
-    for i in bad[:_SHOWN]:
-        key, row = divmod(int(bag_of_value[i]), batch)
-        name = spec.feature_names[key]
-        parts.append(f"{name!r} row {row}: id {int(values[i])} not in [0, {spec.rows[key]})")
-    more = f" (and {bad.size - _SHOWN} more)" if bad.size > _SHOWN else ""
-    raise InvalidInputError("ids out of range: " + "; ".join(parts) + more)
-
-
 def _check_keys(keys: Sequence[str], spec: InputSpec) -> None:
     unknown = [k for k in keys if k not in spec.rows_by_feature]
     missing = [f for f in spec.feature_names if f not in set(keys)]
@@ -274,7 +250,8 @@ def sparse_batch(sparse: Any, spec: InputSpec, batch: int) -> tuple[np.ndarray, 
     Returns:
         (values int64 [N], lengths int64 [n_features * batch]), key-major in
         `spec.feature_names` order: exactly a KeyedJaggedTensor's values() and lengths() with
-        those keys.
+        those keys. The ids' ranges are checked by the model (`embq.runtime.validate`), the one
+        check every entry point shares.
     """
     if _is_kjt(sparse):
         if sparse.stride() != batch:
@@ -286,7 +263,6 @@ def sparse_batch(sparse: Any, spec: InputSpec, batch: int) -> tuple[np.ndarray, 
         values, lengths = _from_dict(sparse, spec, batch)
     else:
         values, lengths = _from_matrix(sparse, spec, batch)
-    check_id_ranges(values, lengths, spec)
     return np.ascontiguousarray(values), lengths
 
 
@@ -352,6 +328,17 @@ class BasePredictor:
         `embq.runtime.inference_metadata`)."""
         return copy.deepcopy(self._metadata)
 
+    def health(self) -> str | None:
+        """None while the predictor can serve, else why it cannot (see `Predictor`)."""
+        return None
+
+    def check_files(self) -> list[str]:
+        """What changed on disk under the model since it was loaded (nothing to watch here)."""
+        return []
+
+    def _guard(self) -> None:
+        """Called under the lock before every forward; raises to refuse serving."""
+
     def prepare(self, dense: Any, sparse: Any) -> tuple[Any, Any, Any]:
         """Validate one batch of B rows into the model's plain-tensor inputs.
 
@@ -375,12 +362,24 @@ class BasePredictor:
         return torch.from_numpy(x), torch.from_numpy(values), torch.from_numpy(offsets)
 
     def _forward(self, dense: Any, sparse: Any):
-        """Validate, then run the model under the lock: logits, float32 tensor [B]."""
+        """Validate, then run the model under the lock: logits, float32 tensor [B]. The model
+        checks offsets and ids itself (`embq.runtime.validate`) before any kernel reads them."""
         import torch
 
+        from embq.runtime.validate import data_error_message
+
         x, values, offsets = self.prepare(dense, sparse)
-        with self._lock, torch.inference_mode():
-            return self._core(x, values, offsets).reshape(-1).float()
+        try:
+            with self._lock, torch.inference_mode():
+                self._guard()
+                return self._core(x, values, offsets).reshape(-1).float()
+        except DataError as e:
+            raise InvalidInputError(str(e)) from None
+        except (torch.jit.Error, RuntimeError) as e:  # a scripted model's DataError
+            message = data_error_message(e)
+            if message is None:
+                raise
+            raise InvalidInputError(message) from None
 
     def logits(self, dense: Any, sparse: Any) -> np.ndarray:
         """Logits (before the sigmoid), float32 [B]; same inputs as `predict`."""
@@ -400,6 +399,14 @@ class BasePredictor:
         return self.predict(dense, sparse)
 
 
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class Predictor(BasePredictor):
     """An embq artifact served on CPU with embq.runtime's kernels (fbgemm TBE for row-wise
     tables, codebook bags for the rest): validated inputs in, click probabilities out.
@@ -407,8 +414,9 @@ class Predictor(BasePredictor):
     Thread-safe: see `BasePredictor` (one lock around the model's forward).
 
     Args:
-        path: the artifact directory (X.embq). Loading verifies sizes and sha256 checksums and
-            raises embq.ArtifactError for anything truncated or tampered with.
+        path: the artifact directory (X.embq). Loading verifies the manifest's digest, sizes and
+            sha256 checksums and raises embq.ArtifactError for anything truncated, edited or
+            tampered with.
         num_threads: if given, `torch.set_num_threads(num_threads)` (process-wide).
         kernel: the runtime's kernel choice (`embq.runtime.KERNEL_CHOICES`): "auto" (fastest:
             row-wise tables in fbgemm's TBE, short rows padded to a power of two), "compact"
@@ -416,6 +424,13 @@ class Predictor(BasePredictor):
             ATen's n-bit ops) or "tbe" (every row-wise table in the TBE, unpadded); None
             (default): the choices the artifact records per table (quantized from an
             `embq plan` plan), else "auto".
+        expect_digest: pin the artifact: "sha256:..." (its `digest`, as `metadata()["digest"]`
+            and `embq seal` show it); any other artifact is refused with an ArtifactError.
+
+    Attributes:
+        digest: the artifact's identity ("sha256:...", `embq.artifact.digest`).
+        files: the artifact's files with their state when they were checked at load
+            (`embq.artifact.watch`): `check_files` compares the disk with it.
 
     Example:
         predictor = Predictor("runs/demo/int4.embq")
@@ -423,24 +438,94 @@ class Predictor(BasePredictor):
     """
 
     def __init__(
-        self, path: str | os.PathLike, num_threads: int | None = None, kernel: str | None = None
+        self,
+        path: str | os.PathLike,
+        num_threads: int | None = None,
+        kernel: str | None = None,
+        expect_digest: str | None = None,
     ) -> None:
         import torch
 
+        from embq.artifact.digest import check_expected_digest
+        from embq.artifact.reader import load_artifact
+        from embq.runtime.kernel_choice import KERNEL_TBE, check_kernel_choice
         from embq.runtime.load import inference_metadata, load_inference_model
 
         super().__init__()
+        if kernel is not None:  # None: the kernels the artifact records
+            check_kernel_choice(kernel)
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
         self.path = Path(path)
         self.kernel = kernel
-        self._model = load_inference_model(self.path, kernel=kernel).eval()
-        self._metadata = inference_metadata(self.path, kernel)
+        artifact = load_artifact(self.path)
+        check_expected_digest(artifact.digest, expect_digest, str(artifact.path))
+        self.digest = artifact.digest
+        self._model = load_inference_model(artifact, kernel=kernel).eval()
+        self._metadata = inference_metadata(artifact, kernel)
+        # each file's state from before its checksum was checked: a change since then (even
+        # while loading) means the model may not be what was checked
+        self.files = artifact.file_states
+        changed = self.files.changes()
+        if changed:
+            raise ArtifactError(
+                f"{artifact.path} changed while it was being loaded ({'; '.join(changed)}); "
+                "publish artifacts by swapping in a new one, never by editing one in place"
+            )
+        # the table files the kernels read in place at every lookup (memory-mapped: "aten-nbit"
+        # and codebook bags; the TBE holds a copy), held open and fstat-ed before every forward:
+        # a truncation or an in-place write of the mapped file shows in its size and times
+        # (~2 us a file here; a stat by path, which also sees replacements, is the watcher's)
+        self._changed: list[str] = []
+        self._mapped: list[tuple[int, tuple[int, int, int]]] = []
+        for t in self._metadata["tables"]:
+            if t["kernel"] != KERNEL_TBE:
+                path = artifact.path / artifact.tables[t["name"]].file
+                state = self.files.states[path]
+                fd = os.open(path, os.O_RDONLY)
+                self._mapped.append((fd, (state.size, state.mtime_ns, state.ctime_ns)))
+        weakref.finalize(self, _close_all, [fd for fd, _ in self._mapped])
         self.input_spec = InputSpec.from_metadata(self._metadata)
         # The runtime's core takes the plain tensors `prepare` validated; the model's KJT front
         # end would only repeat those checks. It is also exactly what TorchScript export saves.
         self._core = self._model.core
         self._warm_up()
+
+    def check_files(self) -> list[str]:
+        """Compare every file of the artifact with its state when it was checked at load; what
+        changed (removed, replaced, truncated, grown, modified in place). Once something has
+        changed the predictor stops serving for good (`health`): the model in memory may no
+        longer be the artifact that was checked, and a memory-mapped table file that shrank
+        would crash the process on its next lookup. A server calls this periodically."""
+        if not self._changed:
+            self._changed = self.files.changes()
+        return list(self._changed)
+
+    def health(self) -> str | None:
+        """None while the artifact on disk is the one loaded, else why it is not (from the
+        last `check_files`, or from the check of the memory-mapped table files that precedes
+        every forward)."""
+        if not self._changed:
+            return None
+        return (
+            f"the artifact {self.path} changed on disk after it was loaded: "
+            + "; ".join(self._changed)
+            + ". Artifacts are immutable once published: publish a new one and restart on it."
+        )
+
+    def _guard(self) -> None:
+        """Refuse (ArtifactError) to run once the artifact changed; before every forward, fstat
+        the table files the kernels read in place, so that a file truncated under the model is
+        noticed before a lookup touches a page past its end (SIGBUS). A truncation during the
+        forward itself can still crash the process: never edit a published artifact."""
+        if not self._changed:
+            for fd, recorded in self._mapped:
+                st = os.fstat(fd)
+                if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != recorded:
+                    self._changed = self.files.changes() or ["a memory-mapped table file changed"]
+                    break
+        if self._changed:
+            raise ArtifactError(self.health() or "")
 
     def _warm_up(self) -> None:
         """Two tiny predictions at load: the runtime scripts its kernels on first use, and

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embq.dense.core.quantizers import QuantSpec, dequantize, fake_quant, qparams, quantize
+from embq.dense.core.quantizers import (
+    QuantSpec,
+    dequantize,
+    fake_quant,
+    kernel_codes,
+    qparams,
+    quantize,
+)
 from embq.dense.core.windows import sparq_codes
 from embq.errors import ConfigError
 
@@ -48,6 +55,9 @@ class WeightQuantizer(nn.Module):
 
 class ActQuantizer(nn.Module):
     """Per-tensor quantizer of a Linear's input; optionally SPARQ windows on its 8-bit codes.
+
+    Codes are computed as fbgemm's int8 kernel computes them (`kernel_codes`), so that the
+    simulated towers and the served int8 layers (embq.runtime.dense_layers) agree exactly.
 
     During BRECQ's activation pass the step size is learned (`start_learning`): the scale is
     exp(log_scale), a Parameter trained through the straight-through round (LSQ-style).
@@ -80,8 +90,9 @@ class ActQuantizer(nn.Module):
         self.log_scale = None
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer codes of `x` (after SPARQ windows when configured)."""
-        q = quantize(x, self.scale, self.zero_point, self.spec)
+        """Integer codes of `x` as the served int8 kernel computes them (`kernel_codes`), after
+        SPARQ windows when configured."""
+        q = kernel_codes(x, self.scale, self.zero_point, self.spec)
         if self.sparq is not None:
             windowed = sparq_codes(q, self.sparq, self.spec.signed)
             if self.sparq_stats is not None:
@@ -95,8 +106,6 @@ class ActQuantizer(nn.Module):
         if self.log_scale is not None:
             scale = self.log_scale.exp()
             return fake_quant(x, scale, self.zero_point, self.spec, ste=True)
-        if self.sparq is None:
-            return fake_quant(x, self.scale, self.zero_point, self.spec)
         return dequantize(self.codes(x), self.scale, self.zero_point)
 
 

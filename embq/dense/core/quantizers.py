@@ -115,6 +115,27 @@ def quantize(
     return torch.clamp(r + zero_point, spec.qmin, spec.qmax)
 
 
+def kernel_shift(spec: QuantSpec) -> int:
+    """What moves a grid's codes into fbgemm's uint8 input codes: 128 for signed symmetric grids
+    (codes -127..127 -> 1..255), 0 for grids that start at 0."""
+    return 128 if spec.qmin < 0 else 0
+
+
+def kernel_codes(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
+    """Integer codes (as a float tensor) of an input quantizer, computed as fbgemm's int8 kernels
+    quantize their input, so that the simulation and the served int8 layer see the same codes:
+    round-half-even of x * (1 / scale) + z_k as one fused multiply-add rounded to float32, with the
+    kernel's zero point z_k = zero_point + `kernel_shift`. This differs from `quantize`
+    (round(x / scale) + zero_point) only within float32 rounding of a half-way point, which data
+    with few distinct values (counts, buckets) hit often."""
+    shift = kernel_shift(spec)
+    inv = (1.0 / scale).double()  # float32 reciprocal, as the kernel computes it
+    t = (x.double() * inv + (zero_point.double() + shift)).float()  # exact product: one rounding
+    return torch.clamp(torch.round(t) - shift, spec.qmin, spec.qmax)
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     return (codes - zero_point) * scale
 
