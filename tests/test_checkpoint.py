@@ -32,7 +32,7 @@ warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
 CONFIG = DLRMConfig(dense_in_features=4, sparse_feature_names=["a", "b", "c"],
                     num_embeddings=[1000, 37, 3001], embedding_dim=16)  # fmt: skip
 SPLITS = {"t_a": [0, 333, 1000], "t_b": [0, 37, 37], "t_c": [0, 1501, 3001]}  # uneven, one empty
-PLAN = {"*": "int4", "t_b": "int8", "t_c": "cb4-shared"}
+PLAN = {"tables": {"*": "int4", "t_b": "int8", "t_c": "cb4-shared"}, "kernels": {"t_a": "compact"}}
 ROOT = Path(__file__).resolve().parents[1]
 
 

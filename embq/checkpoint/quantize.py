@@ -65,6 +65,7 @@ class _CheckpointJob:
     model: CheckpointModel
     tables: list[TableJob]
     output: Path
+    kernels: dict[str, str]  # {table: runtime kernel choice} the plan records
 
     @property
     def staging(self) -> Path:
@@ -73,7 +74,8 @@ class _CheckpointJob:
     def fingerprint(self) -> dict[str, Any]:
         return {"version": JOB_VERSION, "checkpoint": self.index.fingerprint(),
                 "config": self.model.config.to_json(),
-                "tables": [[t.name, t.format_name, t.sample_rows, t.seed] for t in self.tables]}  # fmt: skip
+                "tables": [[t.name, t.format_name, t.sample_rows, t.seed] for t in self.tables],
+                "kernels": self.kernels}  # fmt: skip
 
     def close(self) -> None:
         for t in self.tables:
@@ -119,7 +121,9 @@ def _open(checkpoint: str | os.PathLike, config: Any, plan: Any,
         for j in jobs:
             j.source.close()
         raise
-    return _CheckpointJob(index, model, jobs, out)
+    kernels = {t.name: plan.kernel_for(t.name) for t in model.tables}
+    kernels = {name: choice for name, choice in kernels.items() if choice is not None}
+    return _CheckpointJob(index, model, jobs, out, kernels)
 
 
 def _discard(job: _CheckpointJob) -> None:
@@ -224,6 +228,7 @@ def _prepare(job: _CheckpointJob, lock: DirectoryLock) -> _Prepared:
             files[t.name] = writer.begin_table(
                 t.name, t.format_name, t.source.rows, t.source.dim, params=params,
                 feature_names=t.feature_names, stats=stats, reuse=reuse,
+                kernel_choice=job.kernels.get(t.name),
             )  # fmt: skip
             if not reuse:
                 files[t.name].sync()
