@@ -45,7 +45,8 @@ DIM = 64
 QUICK_ROWS = [1_500_000, 1_200_000, 900_000, 700_000]  # 4.3M x 64 x 4 B = 1.10e9 >= 2**30
 FULL_ROWS = [12_000_000, 10_000_000, 8_000_000, 4_000_000]  # 34M x 256 B = 8.70e9 >= 8 GiB
 SMALL_DMP_ROWS = [20_000, 15_000, 10_000, 5_000]
-PLAN = {"*": "int4", "t_c1": "int8", "t_c2": "cb4-shared"}
+QUICK_PLAN = {"*": "int4", "t_c1": "int8", "t_c2": "cb4-shared"}  # a codebook on a 900k-row table
+FULL_PLAN = {"*": "int4", "t_c1": "int8", "t_c3": "cb4-shared"}  # ... on the 4M-row one
 
 
 def _config(rows: list[int]):
@@ -84,9 +85,10 @@ def _run(cmd: list[str], what: str) -> float:
     return time.perf_counter() - start
 
 
-def _quantize(ckpt: Path, config: Path, out: Path, ranks: int, record: Path) -> tuple[float, list]:
+def _quantize(ckpt: Path, config: Path, plan: str, out: Path, ranks: int,
+              record: Path) -> tuple[float, list]:  # fmt: skip
     args = [str(Path(__file__).resolve()), "--worker", "quantize", "--checkpoint", str(ckpt),
-            "--config", str(config), "--plan", json.dumps(PLAN), "--output", str(out), "--quiet",
+            "--config", str(config), "--plan", plan, "--output", str(out), "--quiet",
             "--record", str(record)]  # fmt: skip
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -172,6 +174,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="~1.1 GB checkpoint (else >= 8 GiB)")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench_scale"))
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and artifacts")
+    parser.add_argument("--plan", help="the plan (JSON or a format name); default: int4, one "
+                        "int8 table and one cb4-shared table")
     args = parser.parse_args()
     from embq.checkpoint.metadata import read_index
     from tests.dcp_checkpoints import write_dmp_checkpoint, write_rowwise_checkpoint
@@ -199,8 +203,10 @@ def main() -> None:
     ckpt_bytes = sum(index.tensors[k].nbytes for k in table_keys)
     files = [p for p in ckpt.iterdir() if p.is_file()]
 
-    dist_s, ranks = _quantize(ckpt, work / "config.json", work / "dist.embq", 2, work / "rss-dist")
-    one_s, single = _quantize(ckpt, work / "config.json", work / "one.embq", 1, work / "rss-one")
+    plan = args.plan or json.dumps(QUICK_PLAN if args.quick else FULL_PLAN)
+    cfg = work / "config.json"
+    dist_s, ranks = _quantize(ckpt, cfg, plan, work / "dist.embq", 2, work / "rss-dist")
+    one_s, single = _quantize(ckpt, cfg, plan, work / "one.embq", 1, work / "rss-one")
     identical = _tables_identical(work / "dist.embq", work / "one.embq")
     match, worst = _outputs_match(work / "dist.embq", ckpt, config)
     art_bytes = sum(p.stat().st_size for p in (work / "dist.embq").rglob("*") if p.is_file())
@@ -215,7 +221,7 @@ def main() -> None:
          else "ShardedTensor row-wise, 2 gloo ranks (DMP: small one)"),
         ("write checkpoint (s)", f"{write_seconds:.1f}"),
         ("DMP checkpoint (s)", f"{dmp_seconds:.1f} ({sum(dmp_config.num_embeddings):,} rows)"),
-        ("plan", json.dumps(PLAN)),
+        ("plan", plan),
         ("torchrun 2 ranks: wall (s)", f"{dist_s:.1f}"),
     ]  # fmt: skip
     for r in ranks:
@@ -238,6 +244,9 @@ def main() -> None:
         "peak_rss_mib_max_rank": round(max(r["peak_rss_mib"] for r in ranks), 1),
         "peak_rss_mib_per_rank": [round(r["peak_rss_mib"], 1) for r in ranks],
         "seconds_per_rank": [round(r["seconds"], 1) for r in ranks],
+        "checkpoint_written_by": "DistributedModelParallel TABLE_WISE (2 gloo ranks)" if args.quick
+        else "ShardedTensor row-wise (2 gloo ranks); the DMP checkpoint written is a small one",
+        "plan": json.loads(plan) if plan.startswith("{") else plan,
         "largest_table_rows": max(rows), "outputs_match": match,
         "prepare_identical_across_ranks": prepare, "quick": args.quick,
     }))  # fmt: skip
