@@ -48,7 +48,9 @@ def _dmp_worker(rank: int, world: int, port: int, config: dict, out: str, seed: 
     _init(rank, world, port)
     cfg = DLRMConfig.from_json(config)
     model = build_dlrm(cfg, seed=seed)
-    constraints = {cfg.table_name(f): ParameterConstraints(sharding_types=[sharding])
+    # column-wise: shards of half the width (TorchRec's default is 128 columns at least)
+    cw = {"min_partition": cfg.embedding_dim // 2} if sharding == "column_wise" else {}
+    constraints = {cfg.table_name(f): ParameterConstraints(sharding_types=[sharding], **cw)
                    for f in cfg.sparse_feature_names}  # fmt: skip
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints

@@ -1,6 +1,6 @@
 """DCP checkpoints in, one artifact out (embq.checkpoint): checkpoints written the way users write
-them (TorchRec DistributedModelParallel TABLE_WISE on CPU/gloo; row-wise ShardedTensors built
-directly, since TorchRec offers ROW_WISE only on CUDA), read bit-exactly against `dcp.load`,
+them (TorchRec DistributedModelParallel TABLE_WISE and COLUMN_WISE on CPU/gloo; row-wise
+ShardedTensors built directly, since TorchRec offers ROW_WISE only on CUDA), read bit-exactly against `dcp.load`,
 quantized to the same bytes as a one-process quantization of the `dcp.load`ed model, served like
 a float64 dequantize-then-pool reference; split over ranks, killed and resumed; bad checkpoints
 refused with clear errors."""
@@ -42,8 +42,11 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     (root / "config.json").write_text(json.dumps(CONFIG.to_json()))
     kinds = write_dmp_checkpoint(CONFIG, root / "dmp", sharding="table_wise", seed=3)
     assert set(kinds.values()) == {"table_wise"}
+    kinds = write_dmp_checkpoint(CONFIG, root / "cw", sharding="column_wise", seed=5)
+    assert set(kinds.values()) == {"column_wise"}
     write_rowwise_checkpoint(CONFIG, root / "rw", SPLITS, seed=4)
-    return {"dmp": root / "dmp", "rw": root / "rw", "config": root / "config.json"}
+    return {"dmp": root / "dmp", "cw": root / "cw", "rw": root / "rw",
+            "config": root / "config.json"}  # fmt: skip
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -89,7 +92,7 @@ def _env() -> dict[str, str]:
 # --------------------------------------------------------------------------- reading
 
 
-@pytest.mark.parametrize("kind", ["dmp", "rw"])
+@pytest.mark.parametrize("kind", ["dmp", "cw", "rw"])
 def test_reader_is_bit_exact_against_dcp_load(checkpoints, kind):
     from embq.checkpoint.metadata import read_index
     from embq.checkpoint.model import map_checkpoint
@@ -98,9 +101,11 @@ def test_reader_is_bit_exact_against_dcp_load(checkpoints, kind):
     want = dcp_state_dict(checkpoints[kind], CONFIG)
     index = read_index(checkpoints[kind])
     model = map_checkpoint(index, CONFIG)
+    chunks = index.tensors[model.tables[0].key].chunks
     if kind == "rw":  # really row-sharded over two files, one shard empty
-        chunks = index.tensors[model.tables[0].key].chunks
         assert [c.sizes[0] for c in chunks] == [333, 667] and len({c.file for c in chunks}) == 2
+    if kind == "cw":  # really column-sharded: two halves of the width in two files
+        assert [c.offsets for c in chunks] == [(0, 0), (0, 8)] and len({c.file for c in chunks}) == 2
     rng = np.random.default_rng(0)
     for t in model.tables:
         ref = want[f"sparse_arch.embedding_bag_collection.embedding_bags.{t.name}.weight"].numpy()
@@ -127,7 +132,7 @@ def test_rows_are_assigned_exactly_once_for_uneven_splits():
 # --------------------------------------------------------------------------- quantizing
 
 
-@pytest.mark.parametrize("kind", ["dmp", "rw"])
+@pytest.mark.parametrize("kind", ["dmp", "cw", "rw"])
 def test_one_process_equals_in_memory_quantization_and_serves(checkpoints, tmp_path, kind):
     import embq
     from embq.checkpoint.quantize import quantize_checkpoint
