@@ -120,6 +120,29 @@ def test_reader_is_bit_exact_against_dcp_load(checkpoints, kind):
         assert torch.equal(v, want[k]), k
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.float32])
+def test_reader_widens_every_float_dtype_like_dcp_load(tmp_path, dtype):
+    """A one-process `dcp.save` of plain tensors (several records in one file, the second at a
+    non-zero offset): rows read in chunks equal `dcp.load`'s tensor widened to float32."""
+    import torch.distributed.checkpoint as dcp
+
+    from embq.checkpoint.metadata import read_index
+    from embq.checkpoint.source import CheckpointTable
+
+    gen = torch.Generator().manual_seed(0)
+    state = {"x.weight": torch.randn(300, 12, generator=gen).to(dtype),
+             "y.weight": torch.randn(41, 5, generator=gen).to(dtype)}  # fmt: skip
+    dcp.save(state, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    back = {k: torch.empty_like(v) for k, v in state.items()}
+    dcp.load(back, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    index = read_index(tmp_path / "ck")
+    assert index.tensors["y.weight"].chunks[0].offset > 0 or index.tensors["x.weight"].chunks[0].offset > 0
+    for key, want in back.items():
+        with CheckpointTable(index, key) as src:
+            got = np.concatenate([src.read(a, min(a + 64, src.rows)) for a in range(0, src.rows, 64)])
+        assert got.tobytes() == want.float().numpy().tobytes(), key
+
+
 def test_rows_are_assigned_exactly_once_for_uneven_splits():
     from embq.embedding.stream import row_range
 
