@@ -317,6 +317,32 @@ def test_incomplete_or_corrupt_checkpoints_are_refused(checkpoints, tmp_path):
     assert not any(p.name.endswith(".embq") or ".partial" in p.name for p in tmp_path.iterdir())
 
 
+def test_layouts_not_readable_in_bounded_memory_are_refused(tmp_path):
+    """DCP's safetensors serialization and storage transforms (compression) are refused with a
+    DataError naming the tensor, never loaded whole."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+
+    from embq.checkpoint.metadata import read_index
+    from embq.checkpoint.source import CheckpointTable
+
+    state = {"x.weight": torch.randn(30, 4)}
+    writer = FileSystemWriter(tmp_path / "st", serialization_format=SerializationFormat.SAFETENSORS)
+    dcp.save(state, storage_writer=writer, no_dist=True)
+    with pytest.raises(DataError, match="'x.weight'.*not stored as a torch.save record"):
+        CheckpointTable(read_index(tmp_path / "st"), "x.weight")
+    dcp.save(state, checkpoint_id=str(tmp_path / "tr"), no_dist=True)
+    meta = FileSystemReader(str(tmp_path / "tr")).read_metadata()  # test-side: torch's reader
+    for info in meta.storage_data.values():
+        info.transform_descriptors = ["zstd"]
+    (tmp_path / "tr" / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(DataError, match=r"storage transforms \['zstd'\]"):
+        read_index(tmp_path / "tr")
+
+
 def test_metadata_with_foreign_objects_is_refused(checkpoints, tmp_path):
     import pickle
 
