@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -289,7 +288,7 @@ class RunOptions:
 
 def encode_range(job: TableJob, table: TableFileWriter, lo: int, hi: int, opts: RunOptions) -> None:
     """Encode rows [lo, hi) chunk by chunk, checkpointing every `opts.checkpoint_seconds`."""
-    from tqdm import tqdm
+    from embq.progress import progress_bar
 
     fmt = get_format(job.format_name)
     record_path = job.staging / STATE_DIR / f"rows-{job.record_tag}{lo}-{hi}.json"
@@ -297,8 +296,8 @@ def encode_range(job: TableJob, table: TableFileWriter, lo: int, hi: int, opts: 
     done = int(record.get("rows_done", 0))
     if not 0 <= done <= hi - lo:
         done = 0
-    bar = tqdm(total=hi - lo, initial=done, unit="row", unit_scale=True, desc=job.name,
-               disable=not opts.progress, file=sys.stderr)  # fmt: skip
+    bar = progress_bar(total=hi - lo, initial=done, unit="row", unit_scale=True, desc=job.name,
+                       enabled=opts.progress)  # fmt: skip
     last_checkpoint = time.monotonic()
     try:
         pos = lo + done
@@ -437,7 +436,7 @@ def quantize_table(
         sample_rows: rows drawn (seeded) to fit table-level params, for formats that have them
             (default: the format config's, 65536).
         seed: the sampling seed (default: the format config's, 0).
-        progress: show a tqdm bar on stderr.
+        progress: show a progress bar on stderr (`embq.progress`: quiet when not a terminal).
         checkpoint_seconds: how often finished rows are made durable (fsync + progress record);
             a killed run redoes at most this much work. 0: after every chunk.
         on_chunk: called with the global row count done after each chunk (a test hook, and a
