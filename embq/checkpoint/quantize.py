@@ -253,6 +253,12 @@ def _encode_rows(job: _CheckpointJob, prepared: _Prepared | None, rank: int, wor
         if prepared is not None:
             table = prepared.files[t.name]
         else:
+            if not t.table_file.exists():
+                raise EmbqError(
+                    f"rank {rank} does not see {t.table_file}, which rank 0 created: every rank "
+                    "writes its rows into the artifact's table files, so the output must be on "
+                    "a filesystem all ranks share (e.g. NFS, or one machine's disk)"
+                )
             bpr = get_format(t.format_name).bytes_per_row(t.source.dim)
             table = TableFileWriter.open(t.table_file, t.source.rows, bpr)
         try:
