@@ -170,7 +170,13 @@ def _dense_section(model: Any, plan: Plan, calib: Any) -> tuple[dict, dict]:
     return dense_section(towers)
 
 
-def _dlrm_module(config: Any, tables: list, dense: tuple[dict, dict], kernel: str) -> Any:
+def _plan_kernels(plan: Plan, tables: list) -> dict[str, str]:
+    """{table: kernel choice} for the tables the plan chooses a kernel for (own entry or "*")."""
+    chosen = {t.name: plan.kernel_for(t.name) for t in tables}
+    return {name: choice for name, choice in chosen.items() if choice is not None}
+
+
+def _dlrm_module(config: Any, tables: list, dense: tuple[dict, dict], kernel: Any) -> Any:
     from embq.runtime.load import build_inference_model
 
     return build_inference_model(config, tables, dense[0], dense[1], kernel=kernel)
@@ -182,7 +188,7 @@ def quantize(
     *,
     calib: Iterable | Any | None = None,
     progress: bool = True,
-    kernel: str = "auto",
+    kernel: str | None = None,
 ) -> QuantizedModel:
     """Quantize a TorchRec DLRM's (or EmbeddingBagCollection's) embedding tables and, when the
     plan says so, its dense towers. The input model is left untouched.
@@ -197,7 +203,8 @@ def quantize(
             plan quantizes the dense towers.
         progress: show a progress bar over the tables.
         kernel: lookup kernels of the returned model ("auto", "compact", "tbe"; see
-            `embq.runtime.kernel_choice`).
+            `embq.runtime.kernel_choice`); None (default): each table's kernel in the plan's
+            "kernels", else "auto".
 
     Returns:
         A `QuantizedModel`; `save` writes it as an artifact.
@@ -225,12 +232,14 @@ def quantize(
     by_name = {t.name: t for t in tables}
     tables = [by_name[config.table_name(f)] for f in config.sparse_feature_names]
     dense = _dense_section(model, plan, calib)
-    return QuantizedModel(lambda: _dlrm_module(config, tables, dense, kernel), plan, tables,
+    kernels = kernel if kernel is not None else _plan_kernels(plan, tables)
+    return QuantizedModel(lambda: _dlrm_module(config, tables, dense, kernels), plan, tables,
                           config, dense)  # fmt: skip
 
 
 def save(qmodel: QuantizedModel, path: str | os.PathLike) -> Path:
     """Write a quantized model as an artifact directory (atomically; `path` must not exist).
+    The plan's per-table kernel choices are recorded, so that `load` serves them by default.
 
     Returns:
         The artifact path.
@@ -239,37 +248,47 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> Path:
 
     if not isinstance(qmodel, QuantizedModel):
         raise ConfigError(f"save() takes what embq.quantize returns, got {type(qmodel).__name__}")
+    kernels = _plan_kernels(qmodel.plan, qmodel.tables)
     with ArtifactWriter(path) as writer:
         if qmodel.config is not None:
-            write_model_artifact(writer, qmodel.tables, qmodel.config, *qmodel.dense)
+            write_model_artifact(writer, qmodel.tables, qmodel.config, *qmodel.dense,
+                                 kernels=kernels)  # fmt: skip
         else:
             for t in qmodel.tables:
                 writer.add_table(t.name, t.format, t.codes, t.dim, params=t.params,
-                                 feature_names=t.feature_names, stats=t.stats)  # fmt: skip
+                                 feature_names=t.feature_names, stats=t.stats,
+                                 kernel_choice=kernels.get(t.name))  # fmt: skip
         out = writer.publish()
     qmodel.path, qmodel.digest = Path(out), writer.digest
     return Path(out)
 
 
 def _plan_of(artifact: Any) -> Plan:
-    """The plan an artifact was written with, as far as its manifest tells: table formats, and
-    the dense method when its towers were quantized by embq.dense."""
+    """The plan an artifact was written with, as far as its manifest tells: table formats, the
+    kernel choices it records, and the dense method when its towers were quantized by
+    embq.dense."""
     formats = [entry.format for entry in artifact.tables.values()]
     common = max(set(formats), key=formats.count) if formats else None
     tables = (("*", common),) if common else ()
     tables += tuple((name, e.format) for name, e in artifact.tables.items() if e.format != common)
+    kernels = tuple((n, e.kernel_choice) for n, e in artifact.tables.items() if e.kernel_choice)
     meta = artifact.dense_meta or {}
     info = meta.get("info") or {}
     dense = None
     if meta.get("kind") != "fp32" and {"method", "w_bits", "a_bits"} <= set(info):
         dense = f"{info['method']}:w{info['w_bits']}a{info['a_bits']}"
-    return Plan(tables, dense)
+    return Plan(tables, dense, kernels)
 
 
-def load(path: str | os.PathLike, kernel: str = "auto", verify: bool = True,
-         expect_digest: str | None = None) -> QuantizedModel:  # fmt: skip
+def load(
+    path: str | os.PathLike,
+    kernel: str | dict[str, str] | None = None,
+    verify: bool = True,
+    expect_digest: str | None = None,
+) -> QuantizedModel:
     """Load an artifact for inference: its manifest's digest and every file's size and checksum
-    checked (`verify`), tables on the runtime's kernels (`kernel`: "auto", "compact" or "tbe"),
+    checked (`verify`), tables on the runtime's kernels (`kernel`: "auto", "compact" or "tbe",
+    or {table or "*": choice}; None: the choices the artifact records, else "auto"),
     memory-mapped. `expect_digest` ("sha256:...") pins the artifact: any other is refused.
 
     Raises:
@@ -279,15 +298,22 @@ def load(path: str | os.PathLike, kernel: str = "auto", verify: bool = True,
     """
     from embq.artifact.digest import check_expected_digest
     from embq.artifact.reader import load_artifact
-    from embq.runtime.bags import artifact_tables, build_embedding_bags, model_pooling
-    from embq.runtime.kernel_choice import check_kernel_choice
+    from embq.runtime.bags import (
+        artifact_tables,
+        build_embedding_bags,
+        model_pooling,
+        recorded_kernels,
+    )
+    from embq.runtime.kernel_choice import check_kernel_choice, resolve_kernels
     from embq.runtime.load import built_from, dlrm_config, load_inference_model
 
-    check_kernel_choice(kernel)
+    if isinstance(kernel, str):
+        check_kernel_choice(kernel)
     artifact = load_artifact(path, verify=verify)
     check_expected_digest(artifact.digest, expect_digest, str(artifact.path))
     plan = _plan_of(artifact)
     tables = artifact_tables(artifact, model_pooling(artifact))
+    kernel = resolve_kernels([t.name for t in tables], kernel, recorded_kernels(artifact))
     if (artifact.model or {}).get("type") != "dlrm":
         module = built_from(artifact, "the table lookups", build_embedding_bags, tables, kernel)
         return QuantizedModel(module, plan, tables, path=artifact.path, digest=artifact.digest)

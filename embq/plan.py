@@ -6,6 +6,10 @@ A plan is typed and frozen. It parses from, and prints to, the short forms users
     {"*": "int4-opt", "t_cat_0": "int8"}         per table; "*" is the default
     brecq:w4a8                                   dense towers only; tables stay fp32
     {"tables": {"*": "int4-opt"}, "dense": "brecq:w4a8"}      both (the JSON of plan.json)
+    {"tables": {"*": "int2-opt", "t_a": "int4-opt"}, "kernels": {"t_a": "compact"}}
+                                                 the runtime's kernel choice per table
+                                                 (`embq.runtime.kernel_choice`; "auto" if
+                                                 none), as `embq plan` writes it
 
 and `Plan.parse(str(p)) == p` and `Plan.parse(p.to_json()) == p` for every plan. Table formats
 are `embq.embedding.configs` configs (so `int4-greedy(n_bins=100)` works); dense specs are
@@ -24,8 +28,10 @@ from typing import Any
 from embq.dense.configs import DenseConfig, parse_dense
 from embq.embedding.configs import FormatConfig, parse_format
 from embq.errors import ConfigError
+from embq.runtime.kernel_choice import check_kernel_choice
 
 DEFAULT_KEY = "*"  # the tables entry that applies to every table not named
+PLAN_KEYS = ("tables", "kernels", "dense")
 
 
 def _check_table_key(key: Any) -> str:
@@ -42,10 +48,13 @@ class Plan:
         tables: (table name, format config) pairs, in order; the name "*" is the default for
             tables not named. Empty: every table stays fp32.
         dense: the dense towers' method, or None for fp32 towers.
+        kernels: (table name, runtime kernel choice) pairs ("auto", "compact", "tbe"), "*" the
+            default; a table named nowhere is served as the caller (or the artifact) says.
     """
 
     tables: tuple[tuple[str, FormatConfig], ...] = ()
     dense: DenseConfig | None = None
+    kernels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         items = self.tables.items() if isinstance(self.tables, Mapping) else self.tables
@@ -59,6 +68,15 @@ class Plan:
         object.__setattr__(self, "tables", tuple(pairs))
         if self.dense is not None:
             object.__setattr__(self, "dense", parse_dense(self.dense))
+        kernels = self.kernels.items() if isinstance(self.kernels, Mapping) else self.kernels
+        choices, seen = [], set()
+        for key, choice in kernels:
+            key = _check_table_key(key)
+            if key in seen:
+                raise ConfigError(f"the plan gives table {key!r} two kernels")
+            seen.add(key)
+            choices.append((key, check_kernel_choice(choice)))
+        object.__setattr__(self, "kernels", tuple(choices))
         if not pairs and self.dense is None:
             raise ConfigError(
                 "an empty plan: a plan is a format name or a non-empty {table: format} dict, "
@@ -97,14 +115,15 @@ class Plan:
                 return cls((), parse_dense(text))
             return cls.uniform(text)
         if isinstance(plan, Mapping):
-            if "tables" in plan or "dense" in plan:
-                unknown = sorted(set(plan) - {"tables", "dense"})
+            if any(k in plan for k in PLAN_KEYS):
+                unknown = sorted(set(plan) - set(PLAN_KEYS))
                 if unknown:
-                    raise ConfigError(f"a plan holds 'tables' and 'dense', not {unknown}")
-                tables = plan.get("tables") or {}
-                if not isinstance(tables, Mapping):
-                    raise ConfigError(f"the plan's 'tables' must be an object, got {tables!r}")
-                return cls(tuple(tables.items()), plan.get("dense"))
+                    raise ConfigError(f"a plan holds 'tables', 'kernels' and 'dense', not {unknown}")
+                tables, kernels = plan.get("tables") or {}, plan.get("kernels") or {}
+                for key, value in (("tables", tables), ("kernels", kernels)):
+                    if not isinstance(value, Mapping):
+                        raise ConfigError(f"the plan's {key!r} must be an object, got {value!r}")
+                return cls(tuple(tables.items()), plan.get("dense"), tuple(kernels.items()))
             return cls(tuple(plan.items()))
         raise ConfigError(
             f"a plan is a format name, a dense spec, JSON or a non-empty {{table: format}} dict, "
@@ -140,22 +159,35 @@ class Plan:
         formats = self.table_formats
         return formats.get(table, formats.get(DEFAULT_KEY))
 
+    def kernel_for(self, table: str) -> str | None:
+        """The runtime kernel choice of `table`: its own entry, else the "*" default, else None."""
+        kernels = dict(self.kernels)
+        return kernels.get(table, kernels.get(DEFAULT_KEY))
+
     def with_sampling(self, sample_rows: int | None = None, seed: int | None = None) -> Plan:
         """This plan with the row sample of every codebook / PQ format set (None: unchanged)."""
         changes = {k: v for k, v in (("sample_rows", sample_rows), ("seed", seed)) if v is not None}
         if not changes:
             return self
         tables = tuple((k, replace(v, **changes) if v.fits_params else v) for k, v in self.tables)
-        return Plan(tables, self.dense)
+        return Plan(tables, self.dense, self.kernels)
 
     def with_dense(self, dense: str | DenseConfig | None) -> Plan:
         """This plan with its dense towers' method replaced."""
-        return Plan(self.tables, dense)
+        return Plan(self.tables, dense, self.kernels)
+
+    def with_kernels(self, kernels: Mapping[str, str] | None) -> Plan:
+        """This plan with its per-table kernel choices replaced ({table or "*": choice})."""
+        return Plan(self.tables, self.dense, tuple((kernels or {}).items()))
 
     def to_json(self) -> dict[str, Any]:
-        """The plan.json form: {"tables": {name: format}, "dense": spec or None}."""
-        return {"tables": {k: str(v) for k, v in self.tables},
-                "dense": None if self.dense is None else str(self.dense)}  # fmt: skip
+        """The plan.json form: {"tables": {name: format}, "dense": spec or None}, and
+        "kernels": {name: choice} when the plan chooses kernels."""
+        out: dict[str, Any] = {"tables": {k: str(v) for k, v in self.tables}}
+        if self.kernels:
+            out["kernels"] = dict(self.kernels)
+        out["dense"] = None if self.dense is None else str(self.dense)
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan as JSON (plan.json), replacing the file atomically."""
@@ -168,6 +200,8 @@ class Plan:
 
     def __str__(self) -> str:
         tables = {k: str(v) for k, v in self.tables}
+        if self.kernels:
+            return json.dumps(self.to_json())
         if self.dense is None:
             if list(tables) == [DEFAULT_KEY]:
                 return tables[DEFAULT_KEY]

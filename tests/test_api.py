@@ -104,6 +104,9 @@ PLAN_SHAPES = [
     {"tables": {"*": "int4(n_bins=200)".replace("(n_bins=200)", "")}, "dense": None},
     embq.Plan.uniform(Rowwise(4, "greedy", n_bins=150)),
     embq.Plan((("*", "int8"),), DenseConfig("rtn", 8, 8)),
+    {"tables": {"*": "int2-opt", "t_a": "int4-opt"}, "kernels": {"t_a": "compact", "*": "tbe"}},
+    {"tables": {"*": "int4-opt"}, "kernels": {"t_b": "auto"}, "dense": "rtn:w8a8"},
+    embq.Plan((("*", "int4"),), None, (("t_c", "compact"),)),
 ]
 
 
@@ -123,11 +126,18 @@ def test_plan_short_forms():
     assert str(embq.Plan.parse("brecq:w4a8")) == "brecq:w4a8"
     plan = embq.Plan.parse({"*": "int4-opt", "t_cat_0": "int8"})
     assert plan.format_for("t_cat_0") == Rowwise(8) and plan.format_for("t_z") == Rowwise(4, "opt")
+    assert plan.kernels == () and "kernels" not in plan.to_json()  # plan.json stays as it was
+    chosen = plan.with_kernels({"t_cat_0": "compact", "*": "tbe"})
+    assert chosen.kernel_for("t_cat_0") == "compact" and chosen.kernel_for("t_z") == "tbe"
+    assert chosen.to_json()["kernels"] == {"t_cat_0": "compact", "*": "tbe"}
+    assert chosen.with_dense("rtn:w8a8").kernels == chosen.kernels
 
 
 @pytest.mark.parametrize("bad, message", [
     ({}, "non-empty"), ([], "non-empty"), (5, "non-empty"), ("{not json", "not valid JSON"),
     ({"tables": {"*": "int4"}, "extra": 1}, "not \\['extra'\\]"), ({"*": "nf4"}, "unknown format"),
+    ({"tables": {"*": "int4"}, "kernels": {"t_a": "fast"}}, "kernel must be one of"),
+    ({"tables": {"*": "int4"}, "kernels": ["compact"]}, "'kernels' must be an object"),
 ])  # fmt: skip
 def test_bad_plans_are_config_errors(bad, message):
     with pytest.raises(ConfigError, match=message):

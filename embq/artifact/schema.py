@@ -16,6 +16,8 @@ A table entry in the manifest::
      "feature_names": ["cat_0"], "file": "tables/t_cat_0.safetensors", "sha256": "...",
      "bytes": 36144, "params": [], "stats": {...}}
 
+and, optionally, "kernel_choice": "compact" (the runtime kernel choice a plan chose for it).
+
 docs/artifact.md documents every field; docs/artifact.schema.json is its JSON Schema.
 """
 
@@ -105,6 +107,7 @@ class TableEntry:
     bytes: int
     params: list[str]
     stats: dict[str, Any] = field(default_factory=dict)
+    kernel_choice: str | None = None  # the runtime kernel choice recorded by a plan
 
 
 
@@ -130,9 +133,16 @@ def parse_table_entry(index: int, raw: Any) -> TableEntry:
     stats = raw.get("stats", {})
     if not isinstance(stats, dict):
         raise ArtifactError(f"{label}: 'stats' must be an object")
+    kernel_choice = raw.get("kernel_choice")
+    if kernel_choice is not None:
+        from embq.runtime.kernel_choice import KERNEL_CHOICES
+
+        if kernel_choice not in KERNEL_CHOICES:
+            raise ArtifactError(f"{label}: 'kernel_choice' must be one of {KERNEL_CHOICES}, got "
+                                f"{kernel_choice!r}")  # fmt: skip
     return TableEntry(
         name=raw["name"], rows=raw["rows"], dim=raw["dim"], format=raw["format"],
         bytes_per_row=raw["bytes_per_row"], feature_names=[str(f) for f in raw["feature_names"]],
         file=raw["file"], sha256=raw["sha256"], bytes=raw["bytes"],
-        params=[str(p) for p in raw["params"]], stats=stats,
+        params=[str(p) for p in raw["params"]], stats=stats, kernel_choice=kernel_choice,
     )  # fmt: skip

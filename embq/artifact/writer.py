@@ -211,7 +211,8 @@ class ArtifactWriter:
                     params: dict[str, np.ndarray] | None = None,
                     feature_names: list[str] | tuple[str, ...] = (),
                     stats: dict[str, Any] | None = None,
-                    reuse: bool = False) -> TableFileWriter:  # fmt: skip
+                    reuse: bool = False,
+                    kernel_choice: str | None = None) -> TableFileWriter:  # fmt: skip
         """Start a table whose rows are written later in row ranges (for tables larger than RAM).
 
         Args:
@@ -224,6 +225,8 @@ class ArtifactWriter:
             stats: JSON-able numbers to keep in the manifest (quality, timing).
             reuse: reopen an existing file from an earlier, interrupted run instead of creating
                 it; its params are then read from the file (`writer.params`).
+            kernel_choice: the runtime kernel choice to serve it with by default ("auto",
+                "compact", "tbe"), as a plan chose; None records nothing.
 
         Returns:
             A TableFileWriter; call `write_rows(start, codes)` until every row is written.
@@ -248,6 +251,10 @@ class ArtifactWriter:
             "sha256": None, "bytes": None, "params": sorted(writer.params),
             "stats": dict(stats or {}),
         }  # fmt: skip
+        if kernel_choice is not None:
+            from embq.runtime.kernel_choice import check_kernel_choice
+
+            entry["kernel_choice"] = check_kernel_choice(kernel_choice)
         json_text(entry, f"table {name!r} entry")
         self._tables[name] = _PendingTable(entry, writer)
         return writer
@@ -255,7 +262,8 @@ class ArtifactWriter:
     def add_table(self, name: str, format_name: str, rows: np.ndarray, dim: int, *,
                   params: dict[str, np.ndarray] | None = None,
                   feature_names: list[str] | tuple[str, ...] = (),
-                  stats: dict[str, Any] | None = None) -> None:  # fmt: skip
+                  stats: dict[str, Any] | None = None,
+                  kernel_choice: str | None = None) -> None:  # fmt: skip
         """Add a table whose encoded rows are in memory: uint8 [rows, bytes_per_row].
 
         See `begin_table` for the arguments; large tables should stream through it instead.
@@ -266,7 +274,8 @@ class ArtifactWriter:
                 f"table {name!r}: expected 2-D uint8 rows, got shape {list(rows.shape)}"
             )
         writer = self.begin_table(name, format_name, rows.shape[0], dim, params=params,
-                                  feature_names=feature_names, stats=stats)  # fmt: skip
+                                  feature_names=feature_names, stats=stats,
+                                  kernel_choice=kernel_choice)  # fmt: skip
         writer.write_rows(0, rows)
         writer.close()
 
@@ -357,23 +366,27 @@ def write_model_artifact(
     config: Any,
     dense: dict[str, torch.Tensor],
     dense_meta: dict[str, Any] | None = None,
+    kernels: dict[str, str] | None = None,
 ) -> Path:
     """Write a DLRM's encoded tables (`QuantizedTable`s, in the model's feature order), its dense
     tensors (the fp32 state dict unless `dense_meta` names another kind) and its config (an
     `embq.models.dlrm.DLRMConfig`) as an artifact, atomically.
 
-    The manifest's "model" section is {"type": "dlrm", "config": ..., "pooling": {table: mode}}.
+    The manifest's "model" section is {"type": "dlrm", "config": ..., "pooling": {table: mode}};
+    `kernels` ({table: runtime kernel choice}, e.g. a plan's) are recorded per table.
     `output` is the artifact path, or an open `ArtifactWriter` to fill (the caller publishes).
     Returns the artifact path.
     """
+    kernels = kernels or {}
     if not isinstance(output, ArtifactWriter):
         with ArtifactWriter(output) as writer:
-            write_model_artifact(writer, tables, config, dense, dense_meta)
+            write_model_artifact(writer, tables, config, dense, dense_meta, kernels)
             return writer.publish()
     writer = output
     for t in tables:
         writer.add_table(t.name, t.format, t.codes, t.dim, params=t.params,
-                         feature_names=t.feature_names, stats=t.stats)  # fmt: skip
+                         feature_names=t.feature_names, stats=t.stats,
+                         kernel_choice=kernels.get(t.name))  # fmt: skip
     writer.add_dense(dense, meta=dense_meta or {"kind": DENSE_KIND_FP32})
     writer.set_model({"type": "dlrm", "config": config.to_json(),
                       "pooling": {t.name: t.pooling for t in tables}})  # fmt: skip

@@ -1,7 +1,7 @@
 """The `embq` command line: one module per verb, each a thin layer over library calls.
 
 Verbs: data (synth, prepare), train, evaluate, quantize, quantize-table, quantize-dense, export,
-report, compare, seal.
+hardware (list, show, probe), plan, report, compare, seal.
 Run `embq VERB --help` for a verb's options and examples.
 """
 
@@ -23,6 +23,8 @@ VERB_MODULES = [
     "embq.cli.quantize_table",
     "embq.cli.quantize_dense",
     "embq.cli.export",
+    "embq.cli.hardware",
+    "embq.cli.plan",
     "embq.cli.report",
     "embq.cli.compare",
     "embq.cli.seal",

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 from scipy.special import ndtri
-from tqdm import tqdm
 
 from embq.data.criteo import N_CAT, N_INT
 from embq.errors import ConfigError
+from embq.progress import progress_bar
 
 BLOCK_ROWS = 65536
 LATENT_DIM = 4
@@ -247,8 +247,9 @@ def write_synthetic(output: str | os.PathLike, rows: int, seed: int = 0,
         raise ConfigError(f"{output} already exists; choose another --output or remove it first.")
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
-    with open(partial, "wb") as f, tqdm(total=rows, unit="row", disable=not progress,
-                                         desc="synth") as bar:
+    with open(partial, "wb") as f, progress_bar(
+        enabled=progress, total=rows, unit="row", desc="synth"
+    ) as bar:
         for b, start in enumerate(range(0, rows, BLOCK_ROWS)):
             n = min(BLOCK_ROWS, rows - start)
             # Always draw a whole block, then keep n rows: a file is a prefix of any longer one.

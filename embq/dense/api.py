@@ -33,7 +33,7 @@ METHODS: dict[str, Callable[..., dict]] = {
     "sparq": run_sparq,
 }
 
-_CONFIG_KEYS = ("w_per_channel", "w_symmetric", "a_symmetric", "first_last")
+_CONFIG_KEYS = ("w_per_channel", "w_symmetric", "a_symmetric", "first_last", "layer_bits")
 
 
 def quantize(

@@ -107,20 +107,15 @@ def table_stats(
     }
 
 
-def encode_table(
+def fit_params(
     table: TableInfo, fmt: Any, *, sample_rows: int | None = None, seed: int | None = None
-) -> QuantizedTable:
-    """Encode one table: fit table-level params on a seeded row sample, encode in row chunks.
+) -> dict[str, np.ndarray]:
+    """The table-level params of `fmt` for `table` (codebooks, PQ centroids; {} for row-wise
+    formats), fitted on a seeded row sample exactly as `encode_table` fits them.
 
-    Args:
-        table: the float table.
-        fmt: a format name or config (`embq.embedding.configs`).
-        sample_rows: rows drawn (without replacement, seeded) to fit codebooks (default: the
-            config's, 65536); row-wise formats fit nothing.
-        seed: the sampling seed (default: the config's, 0).
+    Args: see `encode_table`.
     """
     config = parse_format(fmt)
-    name = str(config)
     if sample_rows is None:
         sample_rows = getattr(config, "sample_rows", DEFAULT_SAMPLE_ROWS)
     if seed is None:
@@ -131,7 +126,35 @@ def encode_table(
         n = min(int(sample_rows), table.rows)
         idx = np.sort(np.random.default_rng(seed).choice(table.rows, size=n, replace=False))
         sample = table.weight[torch.from_numpy(idx)].detach().to(torch.float32).numpy()
-        params = codec.fit(sample)
+        return codec.fit(sample)
+    except FormatError as e:
+        raise FormatError(f"table {table.name!r} as {config}: {e}") from e
+
+
+def encode_table(
+    table: TableInfo,
+    fmt: Any,
+    *,
+    sample_rows: int | None = None,
+    seed: int | None = None,
+    params: dict[str, np.ndarray] | None = None,
+) -> QuantizedTable:
+    """Encode one table: fit table-level params on a seeded row sample, encode in row chunks.
+
+    Args:
+        table: the float table.
+        fmt: a format name or config (`embq.embedding.configs`).
+        sample_rows: rows drawn (without replacement, seeded) to fit codebooks (default: the
+            config's, 65536); row-wise formats fit nothing.
+        seed: the sampling seed (default: the config's, 0).
+        params: params `fit_params` already fitted for this table and format (skips fitting).
+    """
+    config = parse_format(fmt)
+    name = str(config)
+    codec = get_format(config)
+    if params is None:
+        params = fit_params(table, config, sample_rows=sample_rows, seed=seed)
+    try:
         codes = np.empty((table.rows, codec.bytes_per_row(table.dim)), dtype=np.uint8)
         for start, stop in _chunks(table.rows):
             codes[start:stop] = codec.encode(_float_rows(table.weight, start, stop), params)

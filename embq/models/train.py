@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from embq.data.prepared import PreparedData
 from embq.models.dlrm import DLRMConfig, build_dlrm
 from embq.models.metrics import evaluate
+from embq.progress import progress_bar
 
 
 @dataclass
@@ -74,7 +74,7 @@ def train_dlrm(data: PreparedData, settings: TrainSettings | None = None,
     start = time.perf_counter()
     model.train()
     steps = -(-(train_stop - train_start) // settings.batch_size) * settings.epochs
-    with tqdm(total=steps, desc="train", unit="step", disable=not progress) as bar:
+    with progress_bar(enabled=progress, total=steps, desc="train", unit="step") as bar:
         for epoch in range(settings.epochs):
             for batch in data.batches(train_start, train_stop, settings.batch_size, shuffle=True,
                                       seed=settings.seed + epoch):

@@ -35,11 +35,12 @@ _K16 = 16
 def _format_kind(format_name: str) -> str:
     """ "row", "shared" or "pq": which decoder a format's rows need (a string, so TorchScript
     can compare it; module-level constants are not visible to scripted code)."""
-    if format_name == "cb4-row":
+    family = format_name.split("(")[0]  # "cb4-shared(sample_rows=2000)" is cb4-shared too
+    if family == "cb4-row":
         return "row"
-    if format_name == "cb4-shared":
+    if family == "cb4-shared":
         return "shared"
-    if format_name.startswith("pq"):
+    if family.startswith("pq"):
         return "pq"
     raise FormatError(
         f"{format_name} is not a codebook format; row-wise formats go to fbgemm's TBE"

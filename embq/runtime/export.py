@@ -24,7 +24,7 @@ METADATA_FILE = "embq_metadata.json"  # extra file inside exported TorchScript a
 
 
 def export_torchscript(
-    artifact_path: str | os.PathLike, out_path: str | os.PathLike, kernel: str = "auto"
+    artifact_path: str | os.PathLike, out_path: str | os.PathLike, kernel: str | None = None
 ) -> Path:
     """Script the artifact's inference model and save it (TorchScript, `torch.jit.save`).
 
@@ -70,7 +70,7 @@ def _random_inputs(model: Any, batch: int, seed: int) -> tuple[Any, Any, Any]:
 
 def check_export(
     artifact: str | os.PathLike, scripted_path: str | os.PathLike, seed: int = 0,
-    kernel: str = "auto",
+    kernel: str | None = None,
 ) -> float:  # fmt: skip
     """Largest |logit difference| between the exported file and the eager runtime model.
 

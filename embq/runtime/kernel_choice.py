@@ -12,11 +12,16 @@ Choices ("auto" is the default):
     tbe       every row-wise table in the TBE with unpadded rows (fbgemm's CPU default)
 
 Codebook and PQ tables are served by `embq.runtime.codebook_bag` under every choice.
+
+A choice can also be made per table (`resolve_kernels`): a plan from `embq plan` names one for
+each table, and an artifact written from such a plan records them (manifest `kernel_choice`),
+so that loading it without a `kernel` argument serves each table as the plan chose.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping, Sequence
 
 from embq.embedding.registry import get_format
 from embq.errors import ConfigError
@@ -29,10 +34,11 @@ def add_kernel_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernel",
         choices=KERNEL_CHOICES,
-        default="auto",
+        default=None,
         help="lookup kernels: auto (fastest; rows of at most 64 bytes padded to a power of two), "
         "compact (least memory: 4-/2-bit rows read in place from the memory-mapped artifact) or "
-        "tbe (fbgemm's TBE, unpadded rows)",
+        "tbe (fbgemm's TBE, unpadded rows); default: the choices the artifact records (an "
+        "artifact quantized from an `embq plan` plan), else auto",
     )
 
 
@@ -49,6 +55,41 @@ def check_kernel_choice(kernel: str) -> str:
     if kernel not in KERNEL_CHOICES:
         raise ConfigError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
     return kernel
+
+
+def resolve_kernels(
+    table_names: Sequence[str],
+    kernel: str | Mapping[str, str] | None = None,
+    recorded: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The kernel choice of each table.
+
+    Args:
+        table_names: the tables, in order.
+        kernel: one choice for every table; or {table or "*": choice} (a table it does not name
+            takes "*", else its recorded choice, else "auto"); or None: each table's recorded
+            choice, else "auto".
+        recorded: {table: choice} an artifact records (manifest `kernel_choice`).
+
+    Raises:
+        ConfigError: an unknown choice, or a mapping naming a table that is not there.
+    """
+    recorded = dict(recorded or {})
+    if isinstance(kernel, str):
+        return {name: check_kernel_choice(kernel) for name in table_names}
+    if kernel is not None and not isinstance(kernel, Mapping):
+        raise ConfigError(f"kernel must be one of {KERNEL_CHOICES}, a {{table: choice}} mapping "
+                          f"or None, got {kernel!r}")  # fmt: skip
+    chosen = dict(kernel or {})
+    unknown = sorted(set(chosen) - set(table_names) - {"*"})
+    if unknown:
+        raise ConfigError(f"kernel choices name tables {unknown} that are not among "
+                          f"{list(table_names)}")  # fmt: skip
+    out = {}
+    for name in table_names:
+        choice = chosen.get(name, chosen.get("*", recorded.get(name, "auto")))
+        out[name] = check_kernel_choice(choice)
+    return out
 
 
 def table_kernel(format_name: str, kernel: str = "auto") -> str:

@@ -5,16 +5,29 @@ table on its kernel, the dense towers built by the loader of their kind.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from embq.artifact.reader import Artifact, load_artifact
 from embq.artifact.schema import QuantizedTable
 from embq.errors import ArtifactError, EmbqError
 from embq.models.dlrm import DLRMConfig
-from embq.runtime.bags import artifact_tables, build_embedding_bags, model_pooling
+from embq.runtime.bags import (
+    artifact_tables,
+    build_embedding_bags,
+    model_pooling,
+    recorded_kernels,
+)
 from embq.runtime.dense_towers import dense_layer_kernels, load_dense_towers
 from embq.runtime.dlrm import DLRMCore, InferenceDLRM
-from embq.runtime.kernel_choice import check_kernel_choice, table_kernel, table_memory_bytes
+from embq.runtime.kernel_choice import (
+    check_kernel_choice,
+    resolve_kernels,
+    table_kernel,
+    table_memory_bytes,
+)
+
+KernelArg = str | Mapping[str, str] | None  # one choice, {table or "*": choice}, or as recorded
 
 
 def model_section(artifact: Artifact, required: bool = True) -> dict[str, Any]:
@@ -44,18 +57,19 @@ def dlrm_config(artifact: Artifact) -> DLRMConfig:
 
 
 def inference_metadata(
-    artifact: str | os.PathLike | Artifact, kernel: str = "auto"
+    artifact: str | os.PathLike | Artifact, kernel: KernelArg = None
 ) -> dict[str, Any]:
     """What a server needs to know about an artifact, as JSON-able data.
 
     `kernel`: the kernel choice the model is (or will be) loaded with (see
-    `load_inference_model`); it decides each table's "kernel" entry.
+    `load_inference_model`); it decides each table's "kernel" and "kernel_choice" entries.
 
     Returns:
         {"digest": the artifact's digest, "sha256:..." (`embq.artifact.digest`),
          "model": "dlrm" | None,
-         "tables": [{name, format, kernel ("aten-nbit" | "fbgemm-tbe" | "codebook-bag"), rows,
-                     dim, bytes (the table file, bytes), bytes_per_row, memory_bytes (what the
+         "tables": [{name, format, kernel ("aten-nbit" | "fbgemm-tbe" | "codebook-bag"),
+                     kernel_choice ("auto" | "compact" | "tbe"), rows, dim, bytes (the table
+                     file, bytes), bytes_per_row, memory_bytes (what the
                      loaded kernel holds: `table_memory_bytes`), feature_names, pooling,
                      stats}],
          "table_bytes": total bytes of the table files,
@@ -72,14 +86,16 @@ def inference_metadata(
                                "offsets": "int64 [F * B + 1]"}},
          "output": "logits float32 [B]" | None}
     """
-    check_kernel_choice(kernel)  # before reading anything
+    if isinstance(kernel, str):
+        check_kernel_choice(kernel)  # before reading anything
     if not isinstance(artifact, Artifact):
         artifact = load_artifact(artifact, verify=False)
     model = model_section(artifact, required=False)
     pooling = model.get("pooling") or {}
+    choice = resolve_kernels(artifact.table_names(), kernel, recorded_kernels(artifact))
     tables = [
         _table_metadata(name, e.format, e.rows, e.dim, e.bytes, e.bytes_per_row,
-                        e.feature_names, pooling.get(name, "SUM"), e.stats, kernel)
+                        e.feature_names, pooling.get(name, "SUM"), e.stats, choice[name])
         for name, e in artifact.tables.items()
     ]  # fmt: skip
     dense = artifact.manifest.get("dense")
@@ -91,14 +107,15 @@ def inference_metadata(
 
 
 def tables_metadata(config: DLRMConfig, tables: list[QuantizedTable],
-                    dense_meta: dict[str, Any], kernel: str = "auto") -> dict[str, Any]:  # fmt: skip
+                    dense_meta: dict[str, Any], kernel: KernelArg = "auto") -> dict[str, Any]:  # fmt: skip
     """`inference_metadata` of a model quantized in memory (not yet an artifact): "bytes" are
     the encoded bytes of each table (`stats["bytes"]`), dense "bytes" None, "digest" None."""
+    choice = resolve_kernels([t.name for t in tables], kernel)
     rows = []
     for t in tables:
         bpr = int(t.codes.shape[1])
         rows.append(_table_metadata(t.name, t.format, t.rows, t.dim, int(t.stats["bytes"]), bpr,
-                                    t.feature_names, t.pooling, t.stats, kernel))  # fmt: skip
+                                    t.feature_names, t.pooling, t.stats, choice[t.name]))  # fmt: skip
     return _assemble_metadata(rows, True, config.dense_in_features,
                               _dense_metadata(dense_meta, None))  # fmt: skip
 
@@ -117,6 +134,7 @@ def _table_metadata(name: str, fmt: str, rows: int, dim: int, nbytes: int, bytes
         "name": name,
         "format": fmt,
         "kernel": table_kernel(fmt, kernel),
+        "kernel_choice": kernel,
         "rows": rows,
         "dim": dim,
         "bytes": nbytes,
@@ -166,13 +184,13 @@ def build_inference_model(
     tables: list[QuantizedTable],
     dense_tensors: dict[str, Any],
     dense_meta: dict[str, Any],
-    kernel: str = "auto",
+    kernel: KernelArg = "auto",
     metadata: dict[str, Any] | None = None,
 ) -> InferenceDLRM:
     """The eager inference model of encoded tables (in `config`'s feature order) and a dense
-    section (tensors, meta {"kind": ...}), on the kernels of `kernel`. `metadata` defaults to
-    `tables_metadata`."""
-    check_kernel_choice(kernel)
+    section (tensors, meta {"kind": ...}), on the kernels of `kernel` (one choice, or
+    {table or "*": choice}; None: "auto"). `metadata` defaults to `tables_metadata`."""
+    kernel = resolve_kernels([t.name for t in tables], kernel)
     embeddings = build_embedding_bags(tables, kernel)
     towers = load_dense_towers(config, dense_tensors, dense_meta)
     core = DLRMCore(embeddings, towers, config.embedding_dim, config.dense_in_features).eval()
@@ -183,7 +201,7 @@ def build_inference_model(
 
 
 def load_inference_model(
-    path: str | os.PathLike | Artifact, verify: bool = True, kernel: str = "auto"
+    path: str | os.PathLike | Artifact, verify: bool = True, kernel: KernelArg = None
 ) -> InferenceDLRM:
     """An artifact written by `embq quantize` as an eager inference model (eval mode).
 
@@ -197,14 +215,18 @@ def load_inference_model(
             the others in the TBE unpadded; "tbe": every row-wise table in the TBE, unpadded.
             Codebook / PQ tables use embq.runtime.codebook_bag in every case. The choices agree up to
             float32 rounding ("auto" and "tbe" run the same kernel and agree exactly).
+            {table or "*": choice} chooses per table; None (default): the choices the artifact
+            records (an artifact quantized from an `embq plan` plan), else "auto".
 
     Raises:
         ArtifactError: not a DLRM artifact, tables that disagree with its config, dense towers
             of an unknown kind, or anything `load_artifact` refuses.
         ConfigError: an unknown kernel choice.
     """
-    check_kernel_choice(kernel)  # before reading anything
+    if isinstance(kernel, str):
+        check_kernel_choice(kernel)  # before reading anything
     artifact = path if isinstance(path, Artifact) else load_artifact(path, verify=verify)
+    kernel = resolve_kernels(artifact.table_names(), kernel, recorded_kernels(artifact))
     config = dlrm_config(artifact)
     meta = artifact.dense_meta
     if meta is None:

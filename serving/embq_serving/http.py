@@ -236,7 +236,7 @@ async def read_body(request: Request, max_bytes: int, timeout: float = DEFAULT_B
 
 
 def create_app(model: str | os.PathLike | BasePredictor, limits: Limits | None = None,
-               num_threads: int | None = None, kernel: str = "auto", *,
+               num_threads: int | None = None, kernel: str | None = None, *,
                expect_digest: str | None = None, docs: bool = False,
                watch_interval: float | None = DEFAULT_WATCH_INTERVAL) -> FastAPI:  # fmt: skip
     """A FastAPI app serving `model`.

@@ -418,10 +418,12 @@ class Predictor(BasePredictor):
             sha256 checksums and raises embq.ArtifactError for anything truncated, edited or
             tampered with.
         num_threads: if given, `torch.set_num_threads(num_threads)` (process-wide).
-        kernel: the runtime's kernel choice (`embq.runtime.KERNEL_CHOICES`): "auto" (default,
-            fastest: row-wise tables in fbgemm's TBE, short rows padded to a power of two),
-            "compact" (least memory: 4-/2-bit tables read in place from the memory-mapped
-            artifact by ATen's n-bit ops) or "tbe" (every row-wise table in the TBE, unpadded).
+        kernel: the runtime's kernel choice (`embq.runtime.KERNEL_CHOICES`): "auto" (fastest:
+            row-wise tables in fbgemm's TBE, short rows padded to a power of two), "compact"
+            (least memory: 4-/2-bit tables read in place from the memory-mapped artifact by
+            ATen's n-bit ops) or "tbe" (every row-wise table in the TBE, unpadded); None
+            (default): the choices the artifact records per table (quantized from an
+            `embq plan` plan), else "auto".
         expect_digest: pin the artifact: "sha256:..." (its `digest`, as `metadata()["digest"]`
             and `embq seal` show it); any other artifact is refused with an ArtifactError.
 
@@ -439,7 +441,7 @@ class Predictor(BasePredictor):
         self,
         path: str | os.PathLike,
         num_threads: int | None = None,
-        kernel: str = "auto",
+        kernel: str | None = None,
         expect_digest: str | None = None,
     ) -> None:
         import torch
@@ -450,7 +452,8 @@ class Predictor(BasePredictor):
         from embq.runtime.load import inference_metadata, load_inference_model
 
         super().__init__()
-        check_kernel_choice(kernel)
+        if kernel is not None:  # None: the kernels the artifact records
+            check_kernel_choice(kernel)
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
         self.path = Path(path)

@@ -41,6 +41,9 @@ class DenseQuantConfig:
         w_symmetric: signed symmetric weight grid (True) or asymmetric with zero point (False).
         a_symmetric: grid of signed activations (the top-MLP input): symmetric or asymmetric.
         first_last: '8bit' | 'same' | 'fp32' for the first bottom layer and the logit layer.
+        layer_bits: {layer name ("bottom.0", "top.2"): [w_bits, a_bits]}, overriding the bits
+            above and the first/last policy for the layers it names (a plan from `embq plan`
+            sets every layer's bits this way).
     """
 
     w_bits: int = 8
@@ -49,6 +52,7 @@ class DenseQuantConfig:
     w_symmetric: bool = False
     a_symmetric: bool = True
     first_last: str = "8bit"
+    layer_bits: dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -59,6 +63,12 @@ class DenseQuantConfig:
             raise ConfigError(
                 f"first_last must be one of {FIRST_LAST_POLICIES}, got {self.first_last!r}."
             )
+        for name, bits in (self.layer_bits or {}).items():
+            if not isinstance(bits, (list, tuple)) or len(bits) != 2 or not all(
+                isinstance(b, int) and (2 <= b <= 8 or b == 32) for b in bits
+            ):
+                raise ConfigError(f"layer_bits[{name!r}] must be [w_bits, a_bits] (2..8 or 32), "
+                                  f"got {bits!r}.")  # fmt: skip
 
     @property
     def tag(self) -> str:
@@ -189,8 +199,14 @@ class quant_disabled:
                 layer.aq.enabled = aq
 
 
-def layer_bits(layer_role: str, config: DenseQuantConfig) -> tuple[int, int]:
-    """(weight bits, activation bits) of a layer under the first/last policy (32 = fp32)."""
+def layer_bits(
+    layer_role: str, config: DenseQuantConfig, name: str | None = None
+) -> tuple[int, int]:
+    """(weight bits, activation bits) of a layer: its `config.layer_bits` entry, else the first /
+    last policy (32 = fp32)."""
+    if name is not None and name in (config.layer_bits or {}):
+        w, a = config.layer_bits[name]  # type: ignore[index]
+        return int(w), int(a)
     if layer_role in ("first", "last"):
         if config.first_last == "8bit":
             return (32 if config.w_bits == 32 else 8), (32 if config.a_bits == 32 else 8)
@@ -205,7 +221,7 @@ def attach_quantizers(
     """Give every layer its (uncalibrated) weight and activation quantizer per the plan."""
     dense_signed = bool(cache.dense.min() < 0)
     for layer in towers.layers():
-        wb, ab = layer_bits(layer.role, config)
+        wb, ab = layer_bits(layer.role, config, layer.name)
         layer.codes = None
         layer.wq = (
             None

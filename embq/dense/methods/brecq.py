@@ -66,6 +66,7 @@ from embq.dense.core.calibration import (
 from embq.dense.core.fakequant import QuantizedDLRMTowers, QuantLinear
 from embq.dense.core.observers import lp_range, minmax_range, output_range, subsample
 from embq.errors import ConfigError
+from embq.progress import progress_bar
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -308,7 +309,8 @@ def reconstruct_weights(
     decay = LinearTempDecay(iters, rel_start=warmup, start_b=b_range[0], end_b=b_range[1])
     n = len(x_in)
     try:
-        for t in range(1, iters + 1):
+        steps = progress_bar(range(1, iters + 1), desc="brecq block", unit="step", leave=False)
+        for t in steps:
             idx = torch.randint(n, (min(batch_size, n),), generator=generator)
             out = _run(layers, x_in[idx])
             loss, _, _ = adaround_loss(

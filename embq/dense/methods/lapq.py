@@ -54,6 +54,7 @@ from embq.dense.core.calibration import (
 from embq.dense.core.fakequant import QuantizedDLRMTowers
 from embq.dense.core.observers import lp_ranges, minmax_range, subsample
 from embq.errors import ConfigError
+from embq.progress import progress_bar
 
 DEFAULT_PS = tuple(float(p) for p in np.linspace(2.0, 4.0, 10))
 Ranges = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -253,7 +254,8 @@ def run_lapq(
         return obj(np.ones(len(obj.variables)))
 
     # 1. the p sweep and the quadratic fit, on the fit rows
-    sweep = [loss_of({k: v[j] for k, v in tables.items()}, fit, fit_soft) for j in range(len(ps))]
+    sweep = [loss_of({k: v[j] for k, v in tables.items()}, fit, fit_soft)
+             for j in progress_bar(range(len(ps)), desc="lapq p sweep", unit="p", leave=False)]
     sweep_arr = np.asarray(sweep)
     a, b, _ = np.polyfit(np.asarray(ps), sweep_arr, 2)
     if a > 0:

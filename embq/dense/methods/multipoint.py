@@ -29,6 +29,7 @@ from embq.dense.core.calibration import (
     calibrate_minmax,
 )
 from embq.dense.core.fakequant import QuantizedDLRMTowers, QuantLinear
+from embq.progress import progress_bar
 
 
 class MultipointLinear(QuantLinear):
@@ -182,7 +183,7 @@ def run_multipoint(
     attach_quantizers(towers, cache, config)
     inputs = calibrate_minmax(towers, cache, weights=False)
     layers_report, macs, extra_macs, code_bits, extra_code_bits = [], 0, 0, 0, 0
-    for tower in (towers.bottom, towers.top):
+    for tower in progress_bar((towers.bottom, towers.top), desc="multipoint", unit="tower", leave=False):
         for i, layer in enumerate(list(tower)):
             macs += layer.in_features * layer.out_features
             if layer.wq is None:
