@@ -35,7 +35,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"epochs": 1, "batch_size": 2048, "embedding_dim": 16, "seed": 0,
               "valid_fraction": 0.1},
     "plan": {"hardware": "x86-fbgemm", "max_bytes": 0.15, "quick": True, "fallback": "int4-opt",
-             "extra_args": []},
+             "calib_rows": 50_000, "extra_args": []},
     "quantize": {"seed": 0},
     "evaluate": {"kernel": "auto"},
     "report": {"uniform": "", "resamples": 200, "kernel": "auto"},
@@ -106,15 +106,22 @@ def _prepare(raw: list[Path], output: Path, cfg: dict[str, Any]) -> dict[str, An
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _plan(model: Path, data: Path, output: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+def _plan(model: Path, data: Path, output: Path, cfg: dict[str, Any],
+          valid_fraction: float = 0.1) -> dict[str, Any]:
     if not planner_available():
         from embq.plan import Plan
 
         Plan.parse(cfg["fallback"]).save(output)
         return {"skipped": f"no planner (embq.hardware.planner is not installed): uniform plan "
                            f"{cfg['fallback']}"}
+    from embq.data.prepared import PreparedData
+
+    # The planner calibrates on training rows: a small dataset gets all of them.
+    (start, stop), _ = PreparedData(data).split(valid_fraction)
+    calib = min(int(cfg["calib_rows"]), stop - start)
     args = ["plan", "--quiet", "--model", str(model), "--data", str(data), "--hardware",
             cfg["hardware"], "--max-bytes", str(cfg["max_bytes"]), "--output", str(output),
+            "--calib-rows", str(calib),
             *(["--quick"] if cfg["quick"] else []), *map(str, cfg["extra_args"])]
     return run_verb(args)
 
@@ -171,7 +178,8 @@ def criteo_stages(raw: list[Path], workdir: Path, config: dict[str, dict[str, An
               config["prepare"]),
         Stage("train", [prepared], model, train, tr),
         Stage("plan", [model, prepared], plan,
-              lambda: _plan(model, prepared, plan, config["plan"]), plan_params),
+              lambda: _plan(model, prepared, plan, config["plan"], tr["valid_fraction"]),
+              plan_params),
         Stage("quantize", [model, plan], artifact, quantize, qz),
         Stage("evaluate", [model, prepared, artifact], workdir / "evaluate.json",
               lambda: evaluate_both(model, prepared, artifact, workdir / "evaluate.json",
