@@ -93,3 +93,5 @@ def test_existing_output_is_refused_untouched(check_inputs, tmp_path):
 @pytest.mark.slow
 def test_prepare_identical_across_ranks_both_modes(tmp_path):
     assert prepare_identical_across_ranks(tmp_path)
+    assert prepare_identical_across_ranks(tmp_path)  # again in the same workdir
+    assert list(tmp_path.iterdir()) == []  # it cleans up after itself

@@ -13,8 +13,10 @@ import filecmp
 import gzip
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from embq.data.prepared import DENSE_FILE, LABELS_FILE, SPARSE_FILE, SUMMARY_FILE
@@ -69,16 +71,23 @@ def prepare_identical_across_ranks(workdir: Path, nproc: int = 2) -> bool:
     from embq.cli import main as embq_main
 
     workdir = Path(workdir)
-    inputs = write_check_inputs(workdir / "raw")
-    for mode in ("hash", "frequency"):
-        single, ranks = workdir / f"single-{mode}", workdir / f"ranks-{mode}"
-        with contextlib.redirect_stdout(io.StringIO()):  # the CLI's JSON line is not ours to print
-            failed = embq_main(prepare_args(inputs, single, mode)) != 0
-        if failed:
-            raise RuntimeError(f"one-process prepare failed ({mode} mode)")
-        done = run_torchrun(prepare_args(inputs, ranks, mode), nproc)
-        if done.returncode != 0:
-            raise RuntimeError(f"torchrun prepare failed ({mode} mode):\n{done.stderr[-4000:]}")
-        if not same_bytes(single, ranks):
-            return False
-    return True
+    workdir.mkdir(parents=True, exist_ok=True)
+    # A fresh directory per call (a rerun in the same workdir must not meet its old outputs),
+    # removed afterwards: it holds only this check's small files.
+    run = Path(tempfile.mkdtemp(prefix="prepare-check-", dir=workdir))
+    try:
+        inputs = write_check_inputs(run / "raw")
+        for mode in ("hash", "frequency"):
+            single, ranks = run / f"single-{mode}", run / f"ranks-{mode}"
+            with contextlib.redirect_stdout(io.StringIO()):  # the CLI's JSON line is not ours
+                failed = embq_main(prepare_args(inputs, single, mode)) != 0
+            if failed:
+                raise RuntimeError(f"one-process prepare failed ({mode} mode)")
+            done = run_torchrun(prepare_args(inputs, ranks, mode), nproc)
+            if done.returncode != 0:
+                raise RuntimeError(f"torchrun prepare failed ({mode} mode):\n{done.stderr[-4000:]}")
+            if not same_bytes(single, ranks):
+                return False
+        return True
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
