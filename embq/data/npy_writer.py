@@ -41,6 +41,17 @@ def write_rows_at(path: str | os.PathLike, first_row: int, rows: np.ndarray) -> 
         f.write(rows.tobytes())
 
 
+def read_rows(path: str | os.PathLike, dtype: np.dtype, width: int, start: int,
+              stop: int) -> np.ndarray:
+    """Rows start..stop-1 of a .npy written by NpyAppender, read (not memory-mapped, so they do
+    not stay resident in the reader's RSS after use)."""
+    dtype = np.dtype(dtype)
+    with open(path, "rb") as f:
+        f.seek(HEADER_BYTES + start * width * dtype.itemsize)
+        rows = np.fromfile(f, dtype=dtype, count=(stop - start) * width)
+    return rows.reshape(stop - start, width)
+
+
 class NpyAppender:
     """Write rows of a fixed dtype and width, then `close()` to finalise the header."""
 

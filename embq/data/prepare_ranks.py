@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from embq.data.criteo import N_CAT, N_INT, ReadReport, read_criteo
-from embq.data.npy_writer import NpyAppender, preallocate_npy, write_rows_at
+from embq.data.npy_writer import NpyAppender, preallocate_npy, read_rows, write_rows_at
 from embq.data.prepared import DENSE_FILE, LABELS_FILE, SPARSE_FILE, SUMMARY_FILE
 from embq.data.preprocess import (
     DEFAULT_TABLE_SIZE,
@@ -128,21 +128,20 @@ def _write_rows(staging: Path, partial: Path, first_row: int, sizes: list[int],
                 vocab: list[np.ndarray] | None, chunk_rows: int, show: bool) -> list[np.ndarray]:
     """Pass 2: this rank's staged rows -> ids, written at its offset; returns the ids seen."""
     seen = [np.zeros(s, dtype=bool) for s in sizes]
-    dense = np.load(staging / DENSE_FILE, mmap_mode="r")
-    raw = np.load(staging / RAW_FILE, mmap_mode="r")
-    labels = np.load(staging / LABELS_FILE, mmap_mode="r")
-    with progress_bar(total=len(raw), unit="row", desc="prepare: write (rank 0)", enabled=show) as bar:
-        for lo in range(0, len(raw), chunk_rows):
-            hi = min(lo + chunk_rows, len(raw))
-            hashes = np.asarray(raw[lo:hi])
+    rows = int(np.load(staging / LABELS_FILE, mmap_mode="r").shape[0])
+    with progress_bar(total=rows, unit="row", desc="prepare: write (rank 0)", enabled=show) as bar:
+        for lo in range(0, rows, chunk_rows):
+            hi = min(lo + chunk_rows, rows)
+            hashes = read_rows(staging / RAW_FILE, np.int64, N_CAT, lo, hi)
             ids = sparse_ids(np.maximum(hashes, 0), hashes < 0, sizes, vocab)
             for f in range(N_CAT):
                 seen[f][ids[:, f]] = True
-            write_rows_at(partial / DENSE_FILE, first_row + lo, np.asarray(dense[lo:hi]))
+            write_rows_at(partial / DENSE_FILE, first_row + lo,
+                          read_rows(staging / DENSE_FILE, np.float32, N_INT, lo, hi))
             write_rows_at(partial / SPARSE_FILE, first_row + lo, ids)
-            write_rows_at(partial / LABELS_FILE, first_row + lo, np.asarray(labels[lo:hi]))
+            write_rows_at(partial / LABELS_FILE, first_row + lo,
+                          read_rows(staging / LABELS_FILE, np.int32, 1, lo, hi))
             bar.update(hi - lo)
-    del dense, raw, labels
     return seen
 
 
