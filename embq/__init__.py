@@ -7,6 +7,7 @@ The public API (everything else is reached through the subpackages)::
     embq.save(qmodel, "model.embq")             # an artifact: JSON + safetensors, no pickle
     served = embq.load("model.embq")            # fbgemm kernels over the memory-mapped artifact
     embq.quantize_table("big.npy", "int4-opt", "big.embq")    # one table larger than RAM
+    embq.quantize_checkpoint("ckpt/", "config.json", "int4", "m.embq")  # a sharded DCP checkpoint
     embq.formats()                              # every format: bytes per row, kernel
     model, config = embq.load_model("runs/demo/model")   # a DLRM saved by `embq train`
 
@@ -28,6 +29,7 @@ _LAZY = {
     "save": "embq.api",
     "load": "embq.api",
     "quantize_table": "embq.api",
+    "quantize_checkpoint": "embq.checkpoint.quantize",
     "formats": "embq.api",
     "report": "embq.reports.api",
     "compare": "embq.reports.api",
@@ -51,6 +53,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from embq.api import FormatInfo, QuantizedModel, formats, load, quantize, quantize_table, save
+    from embq.checkpoint.quantize import quantize_checkpoint
     from embq.dense.configs import DenseConfig
     from embq.embedding.configs import PQ, Float, RowCodebook, Rowwise, SharedCodebook, parse_format
     from embq.models.dlrm import load_model

@@ -6,6 +6,13 @@ Examples:
     embq quantize --model runs/demo/model --plan int4-greedy --dense brecq:w4a8 \
         --data runs/demo/prepared --output runs/demo/int4g-brecq.embq
 
+From a sharded torch.distributed.checkpoint (DCP) directory, e.g. one a DistributedModelParallel
+wrote, in bounded memory, on one process or split over torchrun ranks (gloo; a filesystem all
+ranks see; a killed job resumes when rerun):
+    embq quantize --checkpoint ckpt/ --config config.json --plan int4 --output model.embq
+    torchrun --nproc-per-node 2 -m embq quantize --checkpoint ckpt/ --config config.json \
+        --plan int4 --output model.embq
+
 A plan (`embq.Plan`) is a format name for every table, a JSON string or file (plan.json) holding
 {table: format} (a "*" entry is the default for the tables it does not name), or
 {"tables": {table: format}, "dense": "brecq:w4a8"}.
@@ -80,8 +87,42 @@ def quantize_model_dir(
     return save(qmodel, output), qmodel.tables
 
 
+def _run_checkpoint(args: argparse.Namespace) -> None:
+    """--checkpoint: quantize a DCP checkpoint (under torchrun: split over the ranks)."""
+    from embq.artifact.reader import load_artifact
+    from embq.checkpoint.quantize import quantize_checkpoint
+
+    if args.config is None:
+        raise ConfigError("--checkpoint needs --config config.json (the model's DLRMConfig)")
+    if args.dense or args.data:
+        raise ConfigError("with --checkpoint the dense towers stay fp32 (--dense/--data do not "
+                          "apply); run `embq quantize-dense` on the artifact afterwards")
+    plan = read_plan(args.plan).with_sampling(args.sample_rows, args.seed or None)
+    start = time.perf_counter()
+    out = quantize_checkpoint(args.checkpoint, args.config, plan, args.output,
+                              chunk_rows=args.chunk_rows, resume=not args.no_resume,
+                              progress=not args.quiet)  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary line per job, from rank 0
+        return
+    artifact = load_artifact(out, verify=False)
+    formats: dict[str, int] = {}
+    for entry in artifact.tables.values():
+        formats[entry.format] = formats.get(entry.format, 0) + 1
+    print(json.dumps({"output": str(out), "tables": len(artifact.tables), "formats": formats,
+                      "table_bytes": sum(e.bytes for e in artifact.tables.values()),
+                      "ranks": int(os.environ.get("WORLD_SIZE", "1")),
+                      "seconds": round(time.perf_counter() - start, 2)}))  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> None:
     """Handler: quantize, then print one JSON line summarising the artifact."""
+    if args.checkpoint is not None:
+        if args.model is not None:
+            raise ConfigError("give --model (an embq model directory) or --checkpoint, not both")
+        _run_checkpoint(args)
+        return
+    if args.model is None or args.config is not None:
+        raise ConfigError("give --model DIR, or --checkpoint DCP_DIR with --config config.json")
     start = time.perf_counter()
     out, tables = quantize_model_dir(
         args.model, read_plan(args.plan), args.output, sample_rows=args.sample_rows,
@@ -115,7 +156,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="model directory written by `embq train`")
+    parser.add_argument("--model", help="model directory written by `embq train`")
+    parser.add_argument("--checkpoint", help="a torch.distributed.checkpoint directory (DCP) "
+                        "holding a TorchRec DLRM, e.g. saved from DistributedModelParallel")
+    parser.add_argument("--config", help="with --checkpoint: the model's DLRMConfig JSON")
+    parser.add_argument("--chunk-rows", type=int, default=65_536,
+                        help="with --checkpoint: rows per chunk (memory ~ chunk-rows x dim x 12 B)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="with --checkpoint: discard an interrupted run and start over")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
         "--plan",
         required=True,

@@ -14,6 +14,44 @@ import numpy as np
 HEADER_BYTES = 128  # magic (6) + version (2) + length (2) + dict, padded: room for any 2-D shape
 
 
+def npy_header(dtype: np.dtype, shape: tuple[int, int]) -> bytes:
+    """The HEADER_BYTES-long .npy header (version 1.0) of a C-order array: data starts after it."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(shape)}
+    text = repr(header).encode("latin1")
+    pad = HEADER_BYTES - 10 - len(text) - 1
+    prefix = b"\x93NUMPY\x01\x00" + (HEADER_BYTES - 10).to_bytes(2, "little")
+    return prefix + text + b" " * pad + b"\n"
+
+
+def preallocate_npy(path: str | os.PathLike, dtype: np.dtype, shape: tuple[int, int]) -> None:
+    """Create a .npy of `shape` with its final header and (sparse) zero data, for writers that
+    fill disjoint row ranges at `HEADER_BYTES + first_row * row_bytes` (torchrun ranks)."""
+    with open(path, "wb") as f:
+        f.write(npy_header(dtype, shape))
+        f.truncate(HEADER_BYTES + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+
+
+def write_rows_at(path: str | os.PathLike, first_row: int, rows: np.ndarray) -> None:
+    """Write C-order `rows` into a preallocated .npy starting at row `first_row`."""
+    rows = np.ascontiguousarray(rows)
+    row_bytes = rows.dtype.itemsize * int(np.prod(rows.shape[1:]))
+    with open(path, "r+b") as f:
+        f.seek(HEADER_BYTES + first_row * row_bytes)
+        f.write(rows.tobytes())
+
+
+def read_rows(path: str | os.PathLike, dtype: np.dtype, width: int, start: int,
+              stop: int) -> np.ndarray:
+    """Rows start..stop-1 of a .npy written by NpyAppender, read (not memory-mapped, so they do
+    not stay resident in the reader's RSS after use)."""
+    dtype = np.dtype(dtype)
+    with open(path, "rb") as f:
+        f.seek(HEADER_BYTES + start * width * dtype.itemsize)
+        rows = np.fromfile(f, dtype=dtype, count=(stop - start) * width)
+    return rows.reshape(stop - start, width)
+
+
 class NpyAppender:
     """Write rows of a fixed dtype and width, then `close()` to finalise the header."""
 
@@ -31,13 +69,8 @@ class NpyAppender:
         self.rows += len(rows)
 
     def close(self) -> None:
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": (self.rows, self.width)}
-        text = repr(header).encode("latin1")
-        pad = HEADER_BYTES - 10 - len(text) - 1
-        prefix = b"\x93NUMPY\x01\x00" + (HEADER_BYTES - 10).to_bytes(2, "little")
         self._file.seek(0)
-        self._file.write(prefix + text + b" " * pad + b"\n")
+        self._file.write(npy_header(self.dtype, (self.rows, self.width)))
         self._file.close()
 
     def __enter__(self) -> NpyAppender:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -65,7 +64,7 @@ def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
 
 
 @dataclass
-class _Job:
+class TableJob:
     """What one quantize_table call does (everything that must match to resume)."""
 
     source: TableSource
@@ -75,6 +74,7 @@ class _Job:
     feature_names: list[str]
     sample_rows: int
     seed: int
+    record_tag: str = ""  # prefixes this table's progress records when an artifact has several
 
     @property
     def staging(self) -> Path:
@@ -171,7 +171,7 @@ def _encode(fmt: Any, rows: np.ndarray, params: dict, first_row: int, name: str)
         ) from e
 
 
-def _fit(job: _Job, fmt: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def fit_params(job: TableJob, fmt: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Fit table-level params on a seeded sample; also measure quality on it.
 
     Returns:
@@ -205,7 +205,7 @@ def _fit(job: _Job, fmt: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 # --------------------------------------------------------------------------- the three phases
 
 
-def _discard_unfinished(job: _Job) -> None:
+def _discard_unfinished(job: TableJob) -> None:
     """Remove an interrupted run's staging directory (resume=False), if embq made it."""
     staging = job.staging
     state = staging / STATE_DIR
@@ -217,7 +217,7 @@ def _discard_unfinished(job: _Job) -> None:
         shutil.rmtree(staging)
 
 
-def _prepare(job: _Job, resume: bool) -> tuple[ArtifactWriter, TableFileWriter, DirectoryLock]:
+def _prepare(job: TableJob, resume: bool) -> tuple[ArtifactWriter, TableFileWriter, DirectoryLock]:
     """Create or resume the staging directory; fit params once. Runs on one process (rank 0).
 
     Returns:
@@ -251,7 +251,7 @@ def _prepare(job: _Job, resume: bool) -> tuple[ArtifactWriter, TableFileWriter, 
         if ready:  # resume: params and stats come from the earlier run, params from the file
             params, stats = None, record.get("stats", {})
         else:
-            params, stats = _fit(job, fmt)
+            params, stats = fit_params(job, fmt)
             write_json_atomic(state / JOB_FILE, {"job": fingerprint, "params_ready": False})
             for old in state.glob("rows-*.json"):  # no row of a new table file is written yet
                 old.unlink()
@@ -270,7 +270,7 @@ def _prepare(job: _Job, resume: bool) -> tuple[ArtifactWriter, TableFileWriter, 
 
 
 @dataclass
-class _RunOptions:
+class RunOptions:
     """How rows are pushed through (none of it changes the output)."""
 
     chunk_rows: int = DEFAULT_CHUNK_ROWS
@@ -286,18 +286,18 @@ class _RunOptions:
             raise ConfigError(f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds!r}")
 
 
-def _encode_range(job: _Job, table: TableFileWriter, lo: int, hi: int, opts: _RunOptions) -> None:
+def encode_range(job: TableJob, table: TableFileWriter, lo: int, hi: int, opts: RunOptions) -> None:
     """Encode rows [lo, hi) chunk by chunk, checkpointing every `opts.checkpoint_seconds`."""
-    from tqdm import tqdm
+    from embq.progress import progress_bar
 
     fmt = get_format(job.format_name)
-    record_path = job.staging / STATE_DIR / f"rows-{lo}-{hi}.json"
+    record_path = job.staging / STATE_DIR / f"rows-{job.record_tag}{lo}-{hi}.json"
     record = read_json_or_none(record_path) or {}
     done = int(record.get("rows_done", 0))
     if not 0 <= done <= hi - lo:
         done = 0
-    bar = tqdm(total=hi - lo, initial=done, unit="row", unit_scale=True, desc=job.name,
-               disable=not opts.progress, file=sys.stderr)  # fmt: skip
+    bar = progress_bar(total=hi - lo, initial=done, unit="row", unit_scale=True, desc=job.name,
+                       enabled=opts.progress)  # fmt: skip
     last_checkpoint = time.monotonic()
     try:
         pos = lo + done
@@ -319,19 +319,19 @@ def _encode_range(job: _Job, table: TableFileWriter, lo: int, hi: int, opts: _Ru
         bar.close()
 
 
-def _finish(job: _Job, writer: ArtifactWriter) -> Path:
+def _finish(job: TableJob, writer: ArtifactWriter) -> Path:
     """Hash, write the manifest and rename into place (rank 0, after every row is written)."""
     shutil.rmtree(job.staging / STATE_DIR)
     return writer.publish()
 
 
-def _rows_on_disk(job: _Job) -> int:
+def _rows_on_disk(job: TableJob) -> int:
     """Rows that progress records in the staging directory say are durable."""
     records = (read_json_or_none(p) for p in (job.staging / STATE_DIR).glob("rows-*.json"))
     return sum(int(r.get("rows_done", 0)) for r in records if isinstance(r, dict))
 
 
-def _after_failure(job: _Job, created: bool, prepared: bool, error: BaseException) -> BaseException:
+def _after_failure(job: TableJob, created: bool, prepared: bool, error: BaseException) -> BaseException:
     """What a failed run leaves: with no durable row, nothing (the staging directory is removed
     if this run created it); with durable rows, the staging directory and, if the run got as far
     as writing rows, an error that says how to resume or start over. Returns the exception to
@@ -356,7 +356,7 @@ def _after_failure(job: _Job, created: bool, prepared: bool, error: BaseExceptio
     return error
 
 
-def _finish_leftover(job: _Job) -> Path | None:
+def _finish_leftover(job: TableJob) -> Path | None:
     """A run killed between writing its manifest and its rename left a complete staging
     directory without job state: check it and publish it."""
     staging = job.staging
@@ -376,7 +376,7 @@ def _finish_leftover(job: _Job) -> Path | None:
 def _make_job(source: str | os.PathLike | TableSource, format_name: Any,
               output: str | os.PathLike, tensor: str | None, name: str | None,
               feature_names: list[str] | None, sample_rows: int | None,
-              seed: int | None) -> _Job:  # fmt: skip
+              seed: int | None) -> TableJob:  # fmt: skip
     config = parse_format(format_name)
     # a codebook's sample comes from its config unless the call sets it
     if sample_rows is None:
@@ -399,7 +399,7 @@ def _make_job(source: str | os.PathLike | TableSource, format_name: Any,
         check_table_name(name)
     except ArtifactError as e:
         raise ConfigError(f"{e}; choose one with --name (name=...)") from e
-    return _Job(src, str(config), out, name, list(feature_names or []), int(sample_rows), int(seed))
+    return TableJob(src, str(config), out, name, list(feature_names or []), int(sample_rows), int(seed))
 
 
 # --------------------------------------------------------------------------- public API
@@ -436,7 +436,7 @@ def quantize_table(
         sample_rows: rows drawn (seeded) to fit table-level params, for formats that have them
             (default: the format config's, 65536).
         seed: the sampling seed (default: the format config's, 0).
-        progress: show a tqdm bar on stderr.
+        progress: show a progress bar on stderr (`embq.progress`: quiet when not a terminal).
         checkpoint_seconds: how often finished rows are made durable (fsync + progress record);
             a killed run redoes at most this much work. 0: after every chunk.
         on_chunk: called with the global row count done after each chunk (a test hook, and a
@@ -451,7 +451,7 @@ def quantize_table(
         A run that fails before any row is durable removes the staging directory it created;
         one that fails later keeps it, and its error says how many rows a rerun resumes after.
     """
-    opts = _RunOptions(chunk_rows, progress, checkpoint_seconds, on_chunk)
+    opts = RunOptions(chunk_rows, progress, checkpoint_seconds, on_chunk)
     job = _make_job(source, format_name, output, tensor, name, feature_names, sample_rows, seed)
     try:
         if resume and (done := _finish_leftover(job)) is not None:
@@ -463,7 +463,7 @@ def quantize_table(
             writer, table, lock = _prepare(job, resume=True)
             prepared = True
             try:
-                _encode_range(job, table, 0, job.source.rows, opts)
+                encode_range(job, table, 0, job.source.rows, opts)
                 return _finish(job, writer)
             finally:
                 table.close()
@@ -478,7 +478,7 @@ def quantize_table(
             job.source.close()
 
 
-def _agree(ok: bool) -> bool:
+def agree(ok: bool) -> bool:
     """All ranks say whether they succeeded; True only if every rank did (a barrier, too)."""
     import torch
     import torch.distributed as dist
@@ -488,7 +488,7 @@ def _agree(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def _run_phase(fn: Callable[[], Any], run_here: bool, what: str) -> Any:
+def run_phase(fn: Callable[[], Any], run_here: bool, what: str) -> Any:
     """Run `fn` where `run_here`, then make every rank raise if any rank failed."""
     result, error = None, None
     if run_here:
@@ -496,7 +496,7 @@ def _run_phase(fn: Callable[[], Any], run_here: bool, what: str) -> Any:
             result = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
             error = e
-    if not _agree(error is None):
+    if not agree(error is None):
         if error is not None:
             raise error
         raise EmbqError(f"another rank failed while {what}; see its error message")
@@ -526,18 +526,18 @@ def quantize_table_distributed(
     """
     import torch.distributed as dist
 
-    opts = _RunOptions(chunk_rows, progress, checkpoint_seconds)
+    opts = RunOptions(chunk_rows, progress, checkpoint_seconds)
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        job = _run_phase(
+        job = run_phase(
             lambda: _make_job(source, format_name, output, tensor, name, feature_names,
                               sample_rows, seed),  # fmt: skip
             True, "opening the input",
         )
-        prepared = _run_phase(lambda: _prepare(job, resume), rank == 0, "preparing the output")
+        prepared = run_phase(lambda: _prepare(job, resume), rank == 0, "preparing the output")
         lo, hi = row_range(job.source.rows, rank, world)
 
         def encode() -> None:
@@ -547,14 +547,14 @@ def quantize_table_distributed(
                 bpr = get_format(job.format_name).bytes_per_row(job.source.dim)
                 table = TableFileWriter.open(job.table_file, job.source.rows, bpr)
             try:
-                _encode_range(job, table, lo, hi, replace(opts, progress=progress and rank == 0))
+                encode_range(job, table, lo, hi, replace(opts, progress=progress and rank == 0))
             finally:
                 if rank != 0:
                     table.close()
 
         try:
-            _run_phase(encode, True, "encoding rows")
-            _run_phase(lambda: _finish(job, prepared[0]), rank == 0, "publishing")
+            run_phase(encode, True, "encoding rows")
+            run_phase(lambda: _finish(job, prepared[0]), rank == 0, "publishing")
             return job.output
         finally:
             if rank == 0:
