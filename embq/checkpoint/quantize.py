@@ -49,12 +49,12 @@ from embq.embedding.stream import (
     encode_range,
     fit_params,
     row_range,
-    run_phase,
     staging_path,
 )
 from embq.errors import ArtifactError, ConfigError, EmbqError
 from embq.files import read_json_or_none, write_json_atomic
 from embq.plan import Plan
+from embq.ranks import run_phase
 
 JOB_VERSION = 1
 

@@ -42,6 +42,7 @@ from embq.embedding.registry import get_format
 from embq.embedding.sources import TableSource, open_table
 from embq.errors import ArtifactError, ConfigError, EmbqError, FormatError
 from embq.files import publish_directory, read_json_or_none, write_json_atomic
+from embq.ranks import run_phase
 
 DEFAULT_CHUNK_ROWS = 65_536
 STATS_SAMPLE_ROWS = 4_096  # rows used for quality stats when the format fits nothing
@@ -476,31 +477,6 @@ def quantize_table(
     finally:
         if job.source is not source:  # opened here: unmap now rather than at garbage collection
             job.source.close()
-
-
-def agree(ok: bool) -> bool:
-    """All ranks say whether they succeeded; True only if every rank did (a barrier, too)."""
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def run_phase(fn: Callable[[], Any], run_here: bool, what: str) -> Any:
-    """Run `fn` where `run_here`, then make every rank raise if any rank failed."""
-    result, error = None, None
-    if run_here:
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
-            error = e
-    if not agree(error is None):
-        if error is not None:
-            raise error
-        raise EmbqError(f"another rank failed while {what}; see its error message")
-    return result
 
 
 def quantize_table_distributed(
