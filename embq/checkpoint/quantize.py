@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,13 +49,14 @@ from embq.embedding.stream import (
     TableJob,
     encode_range,
     fit_params,
+    resumable_record,
     row_range,
     staging_path,
 )
 from embq.errors import ArtifactError, ConfigError, EmbqError
 from embq.files import read_json_or_none, write_json_atomic
 from embq.plan import Plan
-from embq.ranks import run_phase
+from embq.ranks import launched_by_torchrun, process_group, run_phase
 
 JOB_VERSION = 1
 
@@ -157,18 +159,7 @@ def _claim(job: _CheckpointJob, resume: bool) -> DirectoryLock:
     lock = DirectoryLock(staging)
     try:
         fingerprint = job.fingerprint()
-        record = read_json_or_none(state / JOB_FILE)
-        if record is not None and record.get("job") != fingerprint:
-            changed = sorted(k for k in fingerprint if record["job"].get(k) != fingerprint[k])
-            raise EmbqError(
-                f"{staging} holds an unfinished run with different arguments or input (changed: "
-                f"{', '.join(changed) or 'job version'}); rerun with the same arguments to "
-                "resume, or pass --no-resume (resume=False) to start over"
-            )
-        if record is None and any(p.name != STATE_DIR for p in staging.iterdir()):
-            raise ArtifactError(f"{staging} holds files but no embq job record; remove it or "
-                                "pass --no-resume")  # fmt: skip
-        state.mkdir(exist_ok=True)
+        record = resumable_record(staging, fingerprint)
         ready = dict((record or {}).get("ready", {}))
         write_json_atomic(state / JOB_FILE, {"job": fingerprint, "ready": ready})
         return lock
@@ -344,14 +335,8 @@ def quantize_checkpoint(
     import torch.distributed as dist
 
     if distributed is None:
-        distributed = dist.is_available() and (
-            dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1
-        )
-    created = distributed and not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo")
-    try:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        distributed = dist.is_available() and (dist.is_initialized() or launched_by_torchrun())
+    with process_group() if distributed else nullcontext((0, 1)) as (rank, world):
         phase = _phase(distributed)
         opts = RunOptions(chunk_rows, progress and rank == 0, checkpoint_seconds, on_chunk)
         job = phase(lambda: _open(checkpoint, config, plan, output), True, "opening the checkpoint")
@@ -382,6 +367,3 @@ def quantize_checkpoint(
             elif lock is not None:
                 lock.release()
             job.close()
-    finally:
-        if created:
-            dist.destroy_process_group()

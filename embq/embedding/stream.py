@@ -42,7 +42,7 @@ from embq.embedding.registry import get_format
 from embq.embedding.sources import TableSource, open_table
 from embq.errors import ArtifactError, ConfigError, EmbqError, FormatError
 from embq.files import publish_directory, read_json_or_none, write_json_atomic
-from embq.ranks import run_phase
+from embq.ranks import process_group, run_phase
 
 DEFAULT_CHUNK_ROWS = 65_536
 STATS_SAMPLE_ROWS = 4_096  # rows used for quality stats when the format fits nothing
@@ -233,20 +233,8 @@ def _prepare(job: TableJob, resume: bool) -> tuple[ArtifactWriter, TableFileWrit
     staging.mkdir(parents=True, exist_ok=True)
     lock = DirectoryLock(staging)
     try:
-        record = read_json_or_none(state / JOB_FILE)
         fingerprint = job.fingerprint()
-        if record is not None and record.get("job") != fingerprint:
-            changed = sorted(k for k in fingerprint if record["job"].get(k) != fingerprint[k])
-            raise EmbqError(
-                f"{staging} holds an unfinished run with different arguments or input "
-                f"(changed: {', '.join(changed) or 'job version'}); rerun with the same arguments "
-                "to resume, or pass --no-resume (resume=False) to start over"
-            )
-        if record is None and any(p.name != STATE_DIR for p in staging.iterdir()):
-            raise ArtifactError(
-                f"{staging} holds files but no embq job record; remove it or pass --no-resume"
-            )
-        state.mkdir(exist_ok=True)
+        record = resumable_record(staging, fingerprint)
         writer = ArtifactWriter(job.output, staging=staging)
         ready = record is not None and record.get("params_ready", False)
         if ready:  # resume: params and stats come from the earlier run, params from the file
@@ -268,6 +256,31 @@ def _prepare(job: TableJob, resume: bool) -> tuple[ArtifactWriter, TableFileWrit
     except BaseException:
         lock.release()
         raise
+
+
+def resumable_record(staging: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The job record of an unfinished run in `staging` that this job (`fingerprint`) may resume,
+    or None for a fresh staging directory; creates its state directory.
+
+    Raises:
+        EmbqError: the record is of a run with other arguments or input.
+        ArtifactError: the directory holds files but no job record.
+    """
+    state = staging / STATE_DIR
+    record = read_json_or_none(state / JOB_FILE)
+    if record is not None and record.get("job") != fingerprint:
+        changed = sorted(k for k in fingerprint if record["job"].get(k) != fingerprint[k])
+        raise EmbqError(
+            f"{staging} holds an unfinished run with different arguments or input "
+            f"(changed: {', '.join(changed) or 'job version'}); rerun with the same arguments "
+            "to resume, or pass --no-resume (resume=False) to start over"
+        )
+    if record is None and any(p.name != STATE_DIR for p in staging.iterdir()):
+        raise ArtifactError(
+            f"{staging} holds files but no embq job record; remove it or pass --no-resume"
+        )
+    state.mkdir(exist_ok=True)
+    return record
 
 
 @dataclass
@@ -500,14 +513,8 @@ def quantize_table_distributed(
     `row_range(rows, rank, world)` of the same input; all ranks must see the same filesystem.
     Arguments are those of `quantize_table`. Returns the artifact path on every rank.
     """
-    import torch.distributed as dist
-
     opts = RunOptions(chunk_rows, progress, checkpoint_seconds)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo")
-    try:
-        rank, world = dist.get_rank(), dist.get_world_size()
+    with process_group() as (rank, world):
         job = run_phase(
             lambda: _make_job(source, format_name, output, tensor, name, feature_names,
                               sample_rows, seed),  # fmt: skip
@@ -537,6 +544,3 @@ def quantize_table_distributed(
                 prepared[1].close()
                 prepared[2].release()
             job.source.close()
-    finally:
-        if created:
-            dist.destroy_process_group()
