@@ -30,7 +30,8 @@ KERNEL_CHOICES = ("auto", "compact", "tbe")
 
 
 def add_kernel_argument(parser: argparse.ArgumentParser) -> None:
-    """Add --kernel {auto,compact,tbe} (default auto) to a command-line parser."""
+    """Add --kernel {auto,compact,tbe} to a command-line parser (default None: the choices the
+    artifact records, else auto)."""
     parser.add_argument(
         "--kernel",
         choices=KERNEL_CHOICES,
