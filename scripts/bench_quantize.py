@@ -9,9 +9,10 @@ cache, on first use). Then rounds: in each round every contender is timed in tur
 over enough calls to last ~20 ms; the figures are the MEDIAN over the rounds, never the best.
 Both wall-clock and CPU time (summed over threads) are reported, and speedups are given as both
 ratios. Threads: embq's searches (greedy, opt) use `threads` (one per usable core); torch's
-prepack ops, fbgemm's packer and embq's min/max encode (its range check, then fbgemm's packer)
-run on one thread. `int4_minmax_vs_fbgemm` is embq's whole `int4` encode, checks included, in
-rows/s over fbgemm's bare op on the same rows.
+prepack ops, fbgemm's packer and embq's min/max encode (its compiled kernel: the NaN / Inf /
+fp16-range check and the packing in one go) run on one thread. `int4_minmax_vs_fbgemm` is embq's
+whole `int4` encode (`get_format("int4").encode`, checks included) in rows/s over fbgemm's bare
+op on the same rows; `int4_minmax_identical` says the bytes are the same.
 
 Quality, on Gaussian (sigma 0.1) and Student-t(3) (x 0.05) rows of dim 64, squared error vs
 float32 (worst of the two distributions where one figure is reported):

@@ -18,6 +18,7 @@ from embq.embedding.packing import pack_codes, unpack_codes
 from embq.embedding.parallel import run_rows
 from embq.embedding.rowwise import (
     decode_fused,
+    encode_minmax,
     encode_ranges,
     encode_ranges_numpy,
     fused_row_bytes,
@@ -80,6 +81,68 @@ def test_minmax_bytes_match_fbgemm(kind: str, bits: int) -> None:
     ref = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(torch.from_numpy(x), bits)
     assert ours.shape == (200, fused_row_bytes(64, bits))
     np.testing.assert_array_equal(ours, ref.numpy())
+
+
+def signed_zero_rows(n: int, d: int, seed: int) -> np.ndarray:
+    """Rows whose minimum is a zero of both signs (+0.0 and -0.0 in different SIMD lanes and in
+    the tail), all-zero rows of either or mixed sign, and ordinary rows between them."""
+    rng = np.random.default_rng(seed)
+    x = np.abs(rng.standard_normal((n, d))).astype(F32) * F32(0.1)
+    for r in range(n):
+        kind = r % 4
+        if kind == 3:
+            x[r] = -x[r]  # an ordinary all-negative row
+            continue
+        cols = rng.choice(d, size=min(d, 1 + r % 5), replace=False)
+        x[r, cols] = rng.choice(np.array([0.0, -0.0], F32), size=cols.size)
+        if kind == 2:
+            x[r] = rng.choice(np.array([0.0, -0.0], F32), size=d)
+    return x
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_minmax_encoder_is_fbgemms_packer_byte_for_byte(bits: int) -> None:
+    """encode_minmax (the compiled kernel where numba runs) against fbgemm's own packer on rows
+    over several blocks, dims with a tail past fbgemm's 8 lanes, signed zeros (which zero a row's
+    bias keeps depends on fbgemm's reduction order), values at +-65504, subnormals and constants."""
+    op = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf
+    step = 16 // bits
+    for d in sorted({step, 3 * step, 5 * step, 64, 13 * step}):
+        for n in (1, 255, 257, 600):
+            x = np.concatenate([signed_zero_rows(n // 2, d, seed=d + n),
+                                make_rows(KINDS[(d + n) % len(KINDS)], n=n - n // 2, d=d, seed=n)])
+            x[min(n - 1, 3), 0] = 65504.0
+            x[n // 2, -1] = -65504.0
+            x[n - 1, d // 2] = 2.0**-140  # a float32 subnormal: fp16 rounds it to zero
+            ours = encode_minmax(x, bits, 65504.0)
+            np.testing.assert_array_equal(ours, op(torch.from_numpy(x), bits).numpy(), err_msg=f"d={d} n={n}")
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_minmax_encoder_refuses_nan_inf_and_fp16_overflow(bits: int) -> None:
+    """None for any NaN (either sign, any payload), +-inf or |value| > 65504, wherever it is
+    (first row, a later block, the last value); exactly +-65504 passes."""
+    x = make_rows("gauss", n=600, d=32, seed=5)
+    big = np.nextafter(F32(65504.0), F32(np.inf))
+    nans = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF], np.uint32).view(F32)
+    for value in (*nans, np.inf, -np.inf, big, -big):
+        for r, c in ((0, 0), (300, 17), (599, 31)):
+            y = x.copy()
+            y[r, c] = value
+            assert encode_minmax(y, bits, 65504.0) is None, (value, r, c)
+    y = x.copy()
+    y[0, 0], y[599, 31] = 65504.0, -65504.0
+    assert encode_minmax(y, bits, 65504.0) is not None
+
+
+def test_minmax_encoder_without_numba_gives_the_same_bytes(monkeypatch) -> None:
+    x = np.concatenate([make_rows("trained", n=300, d=64, seed=8), signed_zero_rows(40, 64, seed=9)])
+    with_kernel = encode_minmax(x, 4, 65504.0)
+    y = x.copy()
+    y[7, 7] = np.nan
+    monkeypatch.setattr(compiled, "_LOADED", [None])  # as if numba could not load
+    np.testing.assert_array_equal(encode_minmax(x, 4, 65504.0), with_kernel)
+    assert encode_minmax(y, 4, 65504.0) is None
 
 
 @pytest.mark.parametrize("bits", [4, 2])

@@ -15,10 +15,11 @@ from typing import NamedTuple
 
 
 class Kernels(NamedTuple):
-    """The two kernel modules: GREEDY, encoder and helpers; the better search."""
+    """The kernel modules: GREEDY, encoder and helpers; the better search; the min/max encoder."""
 
     greedy: ModuleType
     opt: ModuleType
+    minmax: ModuleType
 
 
 _LOADED: list = []  # [Kernels or None], filled on first use
@@ -34,9 +35,9 @@ def compiled_kernels() -> Kernels | None:
                 found = None
                 if os.environ.get("EMBQ_NO_NUMBA", "") in ("", "0"):
                     try:
-                        from embq.embedding import kernels_greedy, kernels_opt
+                        from embq.embedding import kernels_greedy, kernels_minmax, kernels_opt
 
-                        found = Kernels(kernels_greedy, kernels_opt)
+                        found = Kernels(kernels_greedy, kernels_opt, kernels_minmax)
                     except ImportError:  # numba missing or broken: the numpy paths are exact too
                         found = None
                 _LOADED.append(found)

@@ -184,7 +184,7 @@ class RowwiseFormat(TableFormat):
         if x.shape[0] == 0:
             return np.zeros((0, self.bytes_per_row(x.shape[1])), np.uint8)
         if minmax:
-            # One check, fused with fbgemm's packing: every value finite and within +-65504
+            # One check inside the packing kernel: every value finite and within +-65504
             # covers the NaN/Inf and fp16 checks below (a range is then at most 2 * 65504, so
             # its scale at least 3 levels fits fp16). Those name the row when it fails.
             out = rowwise.encode_minmax(x, self.bits, limit=FP16_MAX)

@@ -1,7 +1,7 @@
 """Compiled (numba) kernels for `embq.embedding.rowwise`: the EMB4 GREEDY range search bit for bit
-as ATen does it, the fused SBHalf encoder, row extremes, the range check of the min/max
-encoder, and the scalar fp16 helpers that the better search's kernel
-(`embq.embedding.kernels_opt`) shares.
+as ATen does it, the fused SBHalf encoder, row extremes, and the scalar fp16 helpers that the
+better search's kernel (`embq.embedding.kernels_opt`) and the min/max encoder
+(`embq.embedding.kernels_minmax`) share.
 
 Exactness. ATen's `calculate_quant_loss` sums the squared residuals of a row sequentially in
 float32, and GREEDY's path depends on exact comparisons between those sums, so the loss must be
@@ -291,17 +291,6 @@ def row_extremes(x, r0, r1, lo_out, hi_out):
             hi = v if v > hi else hi
         lo_out[r] = lo
         hi_out[r] = hi
-
-
-@njit(**_JIT)
-def count_within(v, limit):
-    """How many values of flat float32 v are within +-limit (NaN never is): one pass that LLVM
-    vectorises (~15 us per MiB), the check fbgemm's min/max packer does not make."""
-    lim = np.float32(limit)
-    good = 0
-    for i in range(v.shape[0]):
-        good += abs(v[i]) <= lim
-    return good
 
 
 @njit(**_JIT)
