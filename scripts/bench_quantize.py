@@ -252,13 +252,14 @@ def main() -> None:
     print("bytes/row at dim 64: " + ", ".join(f"{k} {v}" for k, v in bpr.items()))
 
     trained = None
-    if str(args.model).lower() != "none" and (model_dir / "config.json").exists():
+    skip_model = args.model is not None and str(args.model).lower() == "none"
+    if not skip_model and (model_dir / "config.json").exists():
         trained = trained_quality(model_dir)
         print(f"\ntrained tables ({model_dir}: {trained['tables']} tables, dims {trained['dims']}, "
               f"{trained['rows']:,} rows): relative MSE, and MSE / int4-greedy's")
         for k, v in trained["relative_mse"].items():
             print(f"{k:<12} {v:>12.6g} {trained['mse_vs_int4_greedy'][k]:>8.4f}")
-    elif args.model is not None and str(args.model).lower() != "none":
+    elif args.model is not None and not skip_model:
         raise SystemExit(f"--model {args.model}: no config.json there (a model saved by embq train)")
     else:
         print(f"\n(no trained model at {model_dir}: run `make demo`, or pass --model DIR)")
