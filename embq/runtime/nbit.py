@@ -10,9 +10,9 @@ import torch
 from embq.artifact.schema import POOLINGS, QuantizedTable
 from embq.embedding.registry import get_format
 from embq.errors import ArtifactError, ConfigError
-from embq.runtime.scripted import ScriptedCopy
+from embq.runtime.scripted import CheckedLookups
 from embq.runtime.tbe import PARALLEL_MIN_IDS
-from embq.runtime.validate import NO_TABLE, SparseCheck, run_checked
+from embq.runtime.validate import NO_TABLE, SparseCheck
 
 
 class _NBitTable(torch.nn.Module):
@@ -56,7 +56,7 @@ class _NBitTable(torch.nn.Module):
         self.feature_names = list(feature_names)
 
 
-class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
+class RowwiseNBitBagCollection(CheckedLookups, torch.nn.Module):
     """Pooled lookups of 4-bit / 2-bit row-wise tables with ATen's
     `quantized::embedding_bag_{4,2}bit_rowwise_offsets`, one call per table (CPU).
 
@@ -156,37 +156,6 @@ class RowwiseNBitBagCollection(ScriptedCopy, torch.nn.Module):
                 )
             )
         return cls(modules, num_features)
-
-    @torch.jit.export
-    def lookup(self, values: torch.Tensor, offsets: torch.Tensor, threads: int) -> torch.Tensor:
-        """forward, with the tables spread over up to `threads` tasks (see the class docstring)
-        when the batch holds at least `parallel_min_ids` ids."""
-        values, offsets, batch = self.check(values, offsets)
-        return self._lookup(values, offsets, batch, threads)
-
-    def _lookup_checked_input(
-        self, values: torch.Tensor, offsets: torch.Tensor, batch: int
-    ) -> torch.Tensor:
-        """The lookups of an input that `SparseCheck` passed (int64, B = `batch`)."""
-        if not torch.jit.is_scripting():
-            return self._eager_lookup(values, offsets, batch)
-        return self._lookup(values, offsets, batch, self.threads)
-
-    @torch.jit.unused
-    def _eager_lookup(self, values: torch.Tensor, offsets: torch.Tensor, batch: int) -> torch.Tensor:
-        return self.scripted_copy()._lookup(values, offsets, batch, torch.get_num_threads())
-
-    @torch.jit.unused
-    def _eager_forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return run_checked(self.scripted_copy().lookup, values, offsets, torch.get_num_threads())
-
-    def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Pooled lookups (see the class docstring). Eager calls spread the tables over
-        torch.get_num_threads() tasks; TorchScript cannot read that setting, so a scripted
-        module uses its attribute `threads` (1 unless set on the loaded module)."""
-        if not torch.jit.is_scripting():
-            return self._eager_forward(values, offsets)
-        return self.lookup(values, offsets, self.threads)
 
     def _cuts(self, starts: list[int], tasks: int) -> list[int]:
         """Table indices [0, ..., len(tables)] cutting the tables into at most `tasks` runs of

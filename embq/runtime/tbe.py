@@ -12,8 +12,8 @@ from embq.embedding.registry import get_format
 from embq.errors import ConfigError
 from embq.runtime.kernel_choice import TBE_ROW_ALIGNMENT
 from embq.runtime.quant_ebc import tbe_weight_pair
-from embq.runtime.scripted import ScriptedCopy
-from embq.runtime.validate import SparseCheck, run_checked
+from embq.runtime.scripted import CheckedLookups
+from embq.runtime.validate import SparseCheck
 
 # Lookup kernels that spread their tables over threads do so for batches of at least this many
 # ids: below it a fork (and waking a pool thread) costs more than it saves (n-bit kernel measured
@@ -63,7 +63,7 @@ def build_tbe(
 
 
 
-class CheckedTBE(ScriptedCopy, torch.nn.Module):
+class CheckedTBE(CheckedLookups, torch.nn.Module):
     """TBEs (`build_tbe`) behind the input check (`embq.runtime.validate.SparseCheck`): offsets
     that leave `values`, or an id outside [0, rows) of its table, raise
     embq.errors.DataError naming what is wrong (under TorchScript a torch.jit.Error carrying
@@ -98,13 +98,6 @@ class CheckedTBE(ScriptedCopy, torch.nn.Module):
         self.out_dim: int = int(sum(feature_dims))
         self.threads: int = 1  # tasks of a scripted forward (see the class docstring)
         self.parallel_min_ids: int = PARALLEL_MIN_IDS
-
-    @torch.jit.export
-    def lookup(self, values: torch.Tensor, offsets: torch.Tensor, threads: int) -> torch.Tensor:
-        """forward, with the parts run as up to `threads` parallel tasks when the batch is large
-        enough."""
-        values, offsets, batch = self.check(values, offsets)
-        return self._lookup(values, offsets, batch, threads)
 
     def _lookup(
         self, values: torch.Tensor, offsets: torch.Tensor, batch: int, threads: int
@@ -142,27 +135,6 @@ class CheckedTBE(ScriptedCopy, torch.nn.Module):
             if j == i:
                 out = part(part_values, part_offsets)
         return out
-
-    def _lookup_checked_input(self, values: torch.Tensor, offsets: torch.Tensor, batch: int) -> torch.Tensor:
-        """The lookups of an input that `SparseCheck` passed (int64, B = `batch`)."""
-        if not torch.jit.is_scripting():
-            return self._eager_lookup(values, offsets, batch)
-        return self._lookup(values, offsets, batch, self.threads)
-
-    @torch.jit.unused
-    def _eager_lookup(self, values: torch.Tensor, offsets: torch.Tensor, batch: int) -> torch.Tensor:
-        # the scripted copy's per-call overhead is a third of the TBE's Python forward (~12 us
-        # against ~30 us for 26 tables at batch 1)
-        return self.scripted_copy()._lookup(values, offsets, batch, torch.get_num_threads())
-
-    @torch.jit.unused
-    def _eager_forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return run_checked(self.scripted_copy().lookup, values, offsets, torch.get_num_threads())
-
-    def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            return self._eager_forward(values, offsets)
-        return self.lookup(values, offsets, self.threads)
 
 
 def split_runs(sizes: list[int], parts: int) -> list[int]:
