@@ -275,8 +275,10 @@ class SharedCodebookFormat(TableFormat):
 
 
 def _minmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row min and max - min (1 for constant rows), float64 [n]."""
-    lo = x.min(axis=1).astype(np.float64)
+    """Per-row max - min (1 for constant rows) and min, float64 [n]. A zero minimum is +0.0:
+    which zero a min returns among +0.0 and -0.0 depends on its order (numpy's SIMD order here,
+    the compiled kernel's there), and the offset keeps its sign."""
+    lo = x.min(axis=1).astype(np.float64) + 0.0
     rng = x.max(axis=1).astype(np.float64) - lo
     return np.where(rng > 0, rng, 1.0), lo
 
