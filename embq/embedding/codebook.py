@@ -349,14 +349,16 @@ def shared_encode(
     candidate raises FormatError naming it (`name` is the format's, for the message).
 
     Runs the compiled kernel (`kernels_codebook.shared_rows`, rows split between threads) where
-    numba loads, else `shared_encode_numpy`: the same bytes (tested).
+    numba loads, else `shared_encode_numpy`: the same bytes (tested). The kernel takes the
+    format's codebooks (16 ascending levels); any other goes to the numpy path.
 
     Returns (scale16 float16 [n], offset16 float16 [n], codes uint8 [n, d]).
     """
     kernels = compiled_kernels()
     x = np.ascontiguousarray(x, dtype=F32)
     n, d = x.shape
-    if kernels is None or d == 0:
+    cb = np.asarray(cb)
+    if kernels is None or d == 0 or cb.shape != (K16,) or not np.all(cb[1:] >= cb[:-1]):
         return shared_encode_numpy(x, cb, moments, rounds, name)
     cbd = cb.astype(np.float64)
     lo_cb, rng_cb = cbd[0], max(cbd[-1] - cbd[0], 1e-12)
