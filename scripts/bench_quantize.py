@@ -14,6 +14,13 @@ fp16-range check and the packing in one go) run on one thread. `int4_minmax_vs_f
 whole `int4` encode (`get_format("int4").encode`, checks included) in rows/s over fbgemm's bare
 op on the same rows; `int4_minmax_identical` says the bytes are the same.
 
+cb4-shared's encoder on Gaussian rows of dim 64 (65,536 rows, 8,192 with --quick) with a
+codebook fitted on 4,096 (1,024) of them: the compiled kernel (`shared_encode`, on `threads`)
+against its numpy reference (`shared_encode_numpy`, one thread), same timing;
+`cb4_shared_kernel_vs_numpy` is the wall-clock speed ratio (`..._cpu` the CPU-time one),
+`cb4_shared_encode_rows_per_s` the whole `get_format("cb4-shared").encode` (checks and packing
+included) with the kernel, `cb4_shared_identical` that kernel and reference give the same bits.
+
 Quality, on Gaussian (sigma 0.1) and Student-t(3) (x 0.05) rows of dim 64, squared error vs
 float32 (worst of the two distributions where one figure is reported):
   - GREEDY bytes identical to ATen at 4 and 2 bits;
@@ -48,6 +55,7 @@ import fbgemm_gpu  # noqa: E402, F401  (registers torch.ops.fbgemm)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from embq.embedding.codebook import shared_encode, shared_encode_numpy  # noqa: E402
 from embq.embedding.compiled import kernel_engine  # noqa: E402
 from embq.embedding.opt_search import opt_ranges  # noqa: E402
 from embq.embedding.parallel import kernel_threads  # noqa: E402
@@ -128,6 +136,28 @@ def speed_rows(n: int, d: int, rounds: int) -> dict:
     return out
 
 
+def cb4_shared_speed(n: int, n_fit: int, rounds: int) -> dict:
+    """cb4-shared's encoder on n Gaussian rows of dim 64, codebook fitted on n_fit of them:
+    the kernel (`shared_encode`) and the numpy reference side by side, and the whole encode."""
+    x = make_rows("gauss", n, 64, 3)
+    fmt = get_format("cb4-shared")
+    params = fmt.fit(x[:n_fit])
+    cb, mom = params["codebook"], params["moments"]
+    fns = {
+        "numpy": lambda: shared_encode_numpy(x, cb, mom),
+        "kernel": lambda: shared_encode(x, cb, mom),
+        "encode": lambda: fmt.encode(x, params),
+    }
+    for fn in fns.values():
+        fn()
+    t, c = median_times(fns, rounds)
+    same = all(np.array_equal(a.view(np.uint8), b.view(np.uint8))
+               for a, b in zip(shared_encode(x, cb, mom), shared_encode_numpy(x, cb, mom)))  # fmt: skip
+    return {"rows": n, "fit_rows": n_fit, "identical": same,
+            **{f"{k}_rows_per_s": n / v for k, v in t.items()},
+            **{f"{k}_cpu_us_per_row": v / n * 1e6 for k, v in c.items()}}  # fmt: skip
+
+
 def sse_rows(x: np.ndarray, y: np.ndarray) -> float:
     return float(((x.astype(np.float64) - y.astype(np.float64)) ** 2).sum())
 
@@ -205,8 +235,10 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     if args.quick:
         sizes, rounds, n_search, n_table = [(4096, 32), (4096, 64), (4096, 128)], 9, 96, 4000
+        cb4_rows, cb4_fit = 8192, 1024
     else:
         sizes, rounds, n_search, n_table = [(20000, 32), (20000, 64), (20000, 128), (50000, 64)], 15, 400, 20000
+        cb4_rows, cb4_fit = 65536, 4096
     rounds = args.rounds or rounds
     rows_main = dict(sizes)[64] if 64 in dict(sizes) else sizes[0][0]
     model_dir = args.model if args.model is not None else ROOT / "runs" / "demo" / "model"
@@ -241,6 +273,14 @@ def main() -> None:
               f"{mm[0]:>4.2f} ({mm[1]:.2f})")
     print("(g4/g2/opt4 x: embq over torch GREEDY; mm4 x: embq's whole int4 encode, checks "
           "included, over fbgemm's bare packer)")
+
+    cb = cb4_shared_speed(cb4_rows, cb4_fit, rounds)
+    cbx = (cb["kernel_rows_per_s"] / cb["numpy_rows_per_s"], cb["numpy_cpu_us_per_row"] / cb["kernel_cpu_us_per_row"])
+    print(f"\ncb4-shared encoder, dim 64, {cb4_rows} Gaussian rows (codebook fitted on {cb4_fit}): "
+          f"numpy (1 thread) {cb['numpy_rows_per_s']:.0f} rows/s, {cb['numpy_cpu_us_per_row']:.2f} CPU us/row; "
+          f"kernel ({kernel_threads()} threads) {cb['kernel_rows_per_s']:.0f} rows/s, "
+          f"{cb['kernel_cpu_us_per_row']:.2f} CPU us/row: x {cbx[0]:.1f} wall ({cbx[1]:.1f} CPU), identical "
+          f"{cb['identical']}; whole encode {cb['encode_rows_per_s']:.0f} rows/s")
 
     q = quality(n_search, n_table)
     print(f"\nquality, dim 64, squared error ratios ({n_table // 2} test rows; references on {n_search} rows)")
@@ -293,6 +333,13 @@ def main() -> None:
         "int4_minmax_vs_fbgemm_by_dim": {d: round(ratio(v, "embq_int4_minmax", "fbgemm_int4_minmax")[0], 3)
                                          for (_, d), v in speed.items()},
         "int4_minmax_identical": all(v["int4_minmax_identical"] for v in speed.values()),
+        "cb4_shared_rows": cb4_rows,
+        "cb4_shared_encode_rows_per_s": round(cb["encode_rows_per_s"]),
+        "cb4_shared_kernel_rows_per_s": round(cb["kernel_rows_per_s"]),
+        "cb4_shared_numpy_rows_per_s": round(cb["numpy_rows_per_s"]),
+        "cb4_shared_kernel_vs_numpy": round(cbx[0], 2),
+        "cb4_shared_kernel_vs_numpy_cpu": round(cbx[1], 2),
+        "cb4_shared_identical": cb["identical"],
         "better_search_mse_ratio_4bit": round(worst("opt_vs_greedy_4"), 4),
         "better_search_mse_ratio_2bit": round(worst("opt_vs_greedy_2"), 4),
         "better_search_excess_over_exhaustive": round(max(worst("opt_vs_exhaustive_4"), worst("opt_vs_exhaustive_2")) - 1, 4),

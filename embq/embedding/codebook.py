@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from embq.embedding.compiled import compiled_kernels
 from embq.embedding.formats import TableFormat, as_rows, check_codes, check_fp16_range
 from embq.embedding.fp16 import FP16_MAX, to_fp16
 from embq.embedding.packing import pack_codes, unpack_codes
-from embq.embedding.parallel import run_chunks
+from embq.embedding.parallel import run_chunks, run_rows
 from embq.errors import FormatError
 
 F32 = np.float32
@@ -275,8 +276,10 @@ class SharedCodebookFormat(TableFormat):
 
 
 def _minmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row min and max - min (1 for constant rows), float64 [n]."""
-    lo = x.min(axis=1).astype(np.float64)
+    """Per-row max - min (1 for constant rows) and min, float64 [n]. A zero minimum is +0.0:
+    which zero a min returns among +0.0 and -0.0 depends on its order (numpy's SIMD order here,
+    the compiled kernel's there), and the offset keeps its sign."""
+    lo = x.min(axis=1).astype(np.float64) + 0.0
     rng = x.max(axis=1).astype(np.float64) - lo
     return np.where(rng > 0, rng, 1.0), lo
 
@@ -345,8 +348,49 @@ def shared_encode(
     A candidate whose scale or offset overflows fp16 is never kept; a row with no other
     candidate raises FormatError naming it (`name` is the format's, for the message).
 
+    Runs the compiled kernel (`kernels_codebook.shared_rows`, rows split between threads) where
+    numba loads, else `shared_encode_numpy`: the same bytes (tested). The kernel takes the
+    format's codebooks (16 ascending levels); any other goes to the numpy path.
+
     Returns (scale16 float16 [n], offset16 float16 [n], codes uint8 [n, d]).
     """
+    kernels = compiled_kernels()
+    x = np.ascontiguousarray(x, dtype=F32)
+    n, d = x.shape
+    cb = np.asarray(cb)
+    if kernels is None or d == 0 or cb.shape != (K16,) or not np.all(cb[1:] >= cb[:-1]):
+        return shared_encode_numpy(x, cb, moments, rounds, name)
+    cbd = cb.astype(np.float64)
+    lo_cb, rng_cb = cbd[0], max(cbd[-1] - cbd[0], 1e-12)
+    mids = np.ascontiguousarray(0.5 * (cb[:-1].astype(np.float64) + cb[1:].astype(np.float64)))
+    cb_mean, cb_sd = float(moments[0]), max(float(moments[1]), 1e-12)
+    s_out, o_out = np.empty(n, F32), np.empty(n, F32)
+    codes = np.empty((n, d), np.uint8)
+    lost = np.empty(n, np.uint8)
+
+    def work(r0: int, r1: int) -> None:
+        kernels.codebook.shared_rows(x, r0, r1, cbd, mids, float(lo_cb), float(rng_cb), cb_mean, cb_sd,
+                                     int(rounds), s_out, o_out, codes, lost)  # fmt: skip
+
+    run_rows(work, n, least=256)
+    if lost.any():
+        raise _span_error(name, int(np.flatnonzero(lost)[0]), rng_cb)
+    return s_out.astype(np.float16), o_out.astype(np.float16), codes
+
+
+def _span_error(name: str, row: int, rng_cb: float) -> FormatError:
+    return FormatError(
+        f"{name}: row {row} spans more than fp16 scales can map onto the codebook's "
+        f"{rng_cb:.3g} units (its fp16 scale or offset overflows 65504); rescale the table "
+        "or use int8 / fp32"
+    )
+
+
+def shared_encode_numpy(
+    x: np.ndarray, cb: np.ndarray, moments: np.ndarray, rounds: int = 3, name: str = "cb4-shared"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`shared_encode` in numpy, float64 (the reference the compiled kernel is tested against,
+    and the path where numba cannot load)."""
     x = np.asarray(x, dtype=F32)
     n, d = x.shape
     x64 = x.astype(np.float64)
@@ -390,10 +434,5 @@ def shared_encode(
                 off = mean - scale * cm
     lost = ~np.isfinite(best[0])
     if lost.any():
-        i = int(np.flatnonzero(lost)[0])
-        raise FormatError(
-            f"{name}: row {i} spans more than fp16 scales can map onto the codebook's "
-            f"{rng_cb:.3g} units (its fp16 scale or offset overflows 65504); rescale the table "
-            "or use int8 / fp32"
-        )
+        raise _span_error(name, int(np.flatnonzero(lost)[0]), rng_cb)
     return best[1], best[2], best[3]

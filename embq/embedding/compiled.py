@@ -15,11 +15,13 @@ from typing import NamedTuple
 
 
 class Kernels(NamedTuple):
-    """The kernel modules: GREEDY, encoder and helpers; the better search; the min/max encoder."""
+    """The kernel modules: GREEDY, encoder and helpers; the better search; the min/max encoder;
+    the cb4-shared encoder."""
 
     greedy: ModuleType
     opt: ModuleType
     minmax: ModuleType
+    codebook: ModuleType
 
 
 _LOADED: list = []  # [Kernels or None], filled on first use
@@ -35,9 +37,14 @@ def compiled_kernels() -> Kernels | None:
                 found = None
                 if os.environ.get("EMBQ_NO_NUMBA", "") in ("", "0"):
                     try:
-                        from embq.embedding import kernels_greedy, kernels_minmax, kernels_opt
+                        from embq.embedding import (
+                            kernels_codebook,
+                            kernels_greedy,
+                            kernels_minmax,
+                            kernels_opt,
+                        )
 
-                        found = Kernels(kernels_greedy, kernels_opt, kernels_minmax)
+                        found = Kernels(kernels_greedy, kernels_opt, kernels_minmax, kernels_codebook)
                     except ImportError:  # numba missing or broken: the numpy paths are exact too
                         found = None
                 _LOADED.append(found)
