@@ -58,17 +58,15 @@ def fp16r(v):
 @njit(**_JIT)
 def fp16_bits(v):
     """The IEEE half bit pattern (as int) of a float32 v that is exactly an fp16 value (or
-    +-inf / NaN)."""
+    +-inf / NaN). Selects rather than branches, so that a loop over rows vectorises."""
     v = np.float32(v)
     u = v.view(np.int32)
     sign = (u >> 16) & 0x8000
     e = (u >> 23) & 0xFF
-    if e == 0xFF:  # inf / NaN
-        return sign | 0x7C00 | (0x200 if (u & 0x7FFFFF) else 0)
-    if e >= 113:  # normal fp16
-        return sign | ((e - 112) << 10) | ((u >> 13) & 0x3FF)
-    # fp16 subnormal (or zero): an integer multiple of 2^-24
-    return sign | np.int32(abs(v) * np.float32(16777216.0))
+    special = 0x7C00 | (0x200 if (u & 0x7FFFFF) else 0)  # inf / NaN
+    normal = ((e - 112) << 10) | ((u >> 13) & 0x3FF)
+    subnormal = np.int32(abs(v) * np.float32(16777216.0))  # or zero: a multiple of 2^-24
+    return sign | (special if e == 0xFF else (normal if e >= 113 else subnormal))
 
 
 @njit(**_JIT)

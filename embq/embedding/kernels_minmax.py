@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from embq.embedding.kernels_greedy import JIT_OPTIONS, fp16r
+from embq.embedding.kernels_greedy import JIT_OPTIONS, fp16_bits, fp16r
 
 BLOCK = 256  # rows per block: its codes (BLOCK x dim bytes) stay in cache between coding and packing
 _ABS = np.int32(0x7FFFFFFF)
@@ -43,19 +43,6 @@ def order_key(i):
 def key_value(k):
     """The float32 whose order key is k (the inverse of `order_key`)."""
     return np.int32(k ^ ((k >> 31) & _ABS)).view(np.float32)
-
-
-@njit(**JIT_OPTIONS)
-def finite_fp16_bits(v):
-    """The IEEE half bits (uint16) of a float32 v that is exactly a finite fp16 value, without
-    branches (so that a loop over rows vectorises; `fp16_bits` also handles inf / NaN)."""
-    v = np.float32(v)
-    u = v.view(np.int32)
-    sign = (u >> 16) & 0x8000
-    e = (u >> 23) & 0xFF
-    normal = ((e - 112) << 10) | ((u >> 13) & 0x3FF)
-    subnormal = np.int32(abs(v) * np.float32(16777216.0))  # a multiple of 2^-24 below 2^-14
-    return np.uint16(sign | (normal if e >= 113 else subnormal))
 
 
 @njit(**JIT_OPTIONS)
@@ -134,8 +121,8 @@ def encode_rows(x, bits, limit, out, out16):
             s = one if unusable else s
             bias[j] = b
             inv[j] = one if unusable else iv
-            tail[2 * j] = finite_fp16_bits(s)
-            tail[2 * j + 1] = finite_fp16_bits(b)
+            tail[2 * j] = np.uint16(fp16_bits(s))
+            tail[2 * j + 1] = np.uint16(fp16_bits(b))
         for j in range(m):
             out16[r0 + j, nb // 2] = tail[2 * j]
             out16[r0 + j, nb // 2 + 1] = tail[2 * j + 1]
