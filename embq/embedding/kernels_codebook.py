@@ -121,6 +121,14 @@ WORK = 72 * LANES + 192  # float64 slots of `row_sums`' scratch
 
 
 @njit(**JIT_OPTIONS)
+def row_means(t, d, out, work):
+    """Each lane's numpy `mean` of its d values in t, into out[:LANES]: `row_sums` / d."""
+    row_sums(t, d, out, work)
+    for l in range(LANES):
+        out[l] = out[l] / d
+
+
+@njit(**JIT_OPTIONS)
 def pick(z, mid, nxt, c):
     """One midpoint of the level search: the next level nxt if mid < z or z is NaN, else c."""
     return c if mid >= z else nxt
@@ -183,17 +191,15 @@ def shared_rows(x, r0, r1, cbd, mids, lo_cb, rng_cb, cb_mean, cb_sd, rounds, s_o
             u = P[_HI + l] - lo
             P[_LO + l] = lo
             P[_RNG + l] = u if u > 0 else 1.0  # NaN: 1, as numpy's NaN - NaN > 0 is False
-        row_sums(xb, d, P[_MEAN : _MEAN + L], work)
-        for l in range(L):
-            P[_MEAN + l] = P[_MEAN + l] / d
+        row_means(xb, d, P[_MEAN : _MEAN + L], work)
         for j in range(d):
             for l in range(L):
                 u = xb[j * L + l] - P[_MEAN + l]
                 xm[j * L + l] = u
                 t[j * L + l] = u * u
-        row_sums(t, d, P[_SD : _SD + L], work)
+        row_means(t, d, P[_SD : _SD + L], work)
         for l in range(L):
-            P[_SD + l] = np.sqrt(P[_SD + l] / d)
+            P[_SD + l] = np.sqrt(P[_SD + l])
             P[_BEST + l] = inf
             P[_BS + l] = 1.0
             P[_BO + l] = 0.0
@@ -247,9 +253,7 @@ def shared_rows(x, r0, r1, cbd, mids, lo_cb, rng_cb, cb_mean, cb_sd, rounds, s_o
                 if rd == rounds:
                     break
                 # least squares: scale = cov(c, x) / var(c), offset = mean(x) - scale * mean(c)
-                row_sums(c, d, P[_CM : _CM + L], work)
-                for l in range(L):
-                    P[_CM + l] = P[_CM + l] / d
+                row_means(c, d, P[_CM : _CM + L], work)
                 for j in range(d):
                     for l in range(L):
                         u = c[j * L + l] - P[_CM + l]
