@@ -40,6 +40,19 @@ def _check_table_key(key: Any) -> str:
     return key
 
 
+def _per_table(items: Any, parse: Any, repeated: str) -> tuple[tuple[str, Any], ...]:
+    """(table name, parse(value)) pairs of a mapping or pair sequence, in order; a name given
+    twice is a ConfigError (`repeated`, with {key} for the name)."""
+    pairs, seen = [], set()
+    for key, value in items.items() if isinstance(items, Mapping) else items:
+        key = _check_table_key(key)
+        if key in seen:
+            raise ConfigError(repeated.format(key=repr(key)))
+        seen.add(key)
+        pairs.append((key, parse(value)))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True, eq=True)
 class Plan:
     """A quantization plan.
@@ -57,26 +70,12 @@ class Plan:
     kernels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        items = self.tables.items() if isinstance(self.tables, Mapping) else self.tables
-        pairs, seen = [], set()
-        for key, fmt in items:
-            key = _check_table_key(key)
-            if key in seen:
-                raise ConfigError(f"the plan names table {key!r} twice")
-            seen.add(key)
-            pairs.append((key, parse_format(fmt)))
-        object.__setattr__(self, "tables", tuple(pairs))
+        pairs = _per_table(self.tables, parse_format, "the plan names table {key} twice")
+        object.__setattr__(self, "tables", pairs)
         if self.dense is not None:
             object.__setattr__(self, "dense", parse_dense(self.dense))
-        kernels = self.kernels.items() if isinstance(self.kernels, Mapping) else self.kernels
-        choices, seen = [], set()
-        for key, choice in kernels:
-            key = _check_table_key(key)
-            if key in seen:
-                raise ConfigError(f"the plan gives table {key!r} two kernels")
-            seen.add(key)
-            choices.append((key, check_kernel_choice(choice)))
-        object.__setattr__(self, "kernels", tuple(choices))
+        choices = _per_table(self.kernels, check_kernel_choice, "the plan gives table {key} two kernels")
+        object.__setattr__(self, "kernels", choices)
         if not pairs and self.dense is None:
             raise ConfigError(
                 "an empty plan: a plan is a format name or a non-empty {table: format} dict, "

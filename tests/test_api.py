@@ -144,6 +144,15 @@ def test_bad_plans_are_config_errors(bad, message):
         embq.Plan.parse(bad)
 
 
+def test_a_table_named_twice_is_a_config_error():
+    with pytest.raises(ConfigError, match="names table 't_a' twice"):
+        embq.Plan(tables=[("t_a", "int4"), ("t_a", "int8")])
+    with pytest.raises(ConfigError, match="gives table 't_a' two kernels"):
+        embq.Plan(tables={"*": "int4"}, kernels=[("t_a", "tbe"), ("t_a", "compact")])
+    with pytest.raises(ConfigError, match="non-empty strings"):
+        embq.Plan(tables={"*": "int4"}, kernels=[("", "tbe")])
+
+
 def test_formats_lists_every_format_with_bytes_and_kernel():
     listed = {f.name: f for f in embq.formats()}
     assert set(listed) >= {"fp32", "int8", "int4-greedy", "int2-opt", "cb4-row", "cb4-shared"}
