@@ -184,8 +184,8 @@ def encode_minmax(x: np.ndarray, bits: int, limit: float) -> np.ndarray | None:
 
     The compiled kernel (`kernels_minmax.encode_rows`) checks and packs in one go, on this
     thread, faster than fbgemm's bare op. Without numba: a numpy check, then fbgemm's op (or
-    `encode_ranges_numpy` where fbgemm_gpu cannot load: the same bytes, tested, except the sign
-    of a zero bias where a row's minimum is a zero of both signs; same decoded rows).
+    `encode_ranges` where fbgemm_gpu cannot load: the same bytes, tested, except the sign of a
+    zero bias where a row's minimum is a zero of both signs; same decoded rows).
     """
     x = np.ascontiguousarray(x, dtype=F32)
     n, d = x.shape
@@ -199,7 +199,7 @@ def encode_minmax(x: np.ndarray, bits: int, limit: float) -> np.ndarray | None:
             return None
     packer = _fbgemm_packer()
     if packer is None:
-        return encode_ranges_numpy(x, x.min(axis=1), x.max(axis=1), bits)
+        return encode_ranges(x, *minmax_ranges(x), bits)
     op, torch = packer
     return op(torch.from_numpy(x), bits).numpy()
 

@@ -39,7 +39,6 @@ class ScriptedCopy:
             self.__dict__["_scripted"] = None  # re-scripted on the next call, with the change
 
 
-
 class CheckedLookups(ScriptedCopy):
     """Entry points of a lookup module (`RowwiseNBitBagCollection`, `CheckedTBE`) that has a
     `check` submodule (`embq.runtime.validate.SparseCheck`), a `threads` attribute and
